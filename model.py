@@ -1,0 +1,234 @@
+"""Llama 3 in one file: RMSNorm, RoPE (with Llama 3.1 "llama3" frequency scaling), grouped-query
+attention, SwiGLU, a KV cache owned by the caller, and generate().
+
+Module and weight names follow Meta's reference `model.py` (wq wk wv wo, w1 w2 w3, attention_norm,
+ffn_norm) so the two can be read side by side. Unlike Meta's, `forward` is not under
+`torch.inference_mode()`: the Temp-LoRA adapter step back-propagates through this same forward.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096                # width of the residual stream
+    n_layers: int = 32
+    n_heads: int = 32              # query heads
+    n_kv_heads: int = 8            # key/value heads, shared by n_heads // n_kv_heads query heads (GQA)
+    head_dim: int = 128            # usually dim // n_heads, but a checkpoint may say otherwise
+    hidden_dim: int = 14336        # width of the SwiGLU feed-forward
+    vocab_size: int = 128256
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: dict | None = None  # e.g. {"rope_type": "llama3", "factor": 8.0, ...}; None = plain RoPE
+    tie_embeddings: bool = False   # the output head reuses the token embedding matrix
+    max_seq_len: int = 8192        # longest position the checkpoint was trained for
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in float32 even for a bf16 model, then scale in the model's dtype (as Meta and HF do)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.type_as(x)
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+def llama3_rope_factors(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Per-frequency divisors of Llama 3.1's "llama3" scaling: long wavelengths (beyond the original
+    context) are slowed down by `factor`, short ones are kept, and the band between is blended."""
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # smooth = 1 keeps a frequency, smooth = 0 divides it by `factor`, clamped to [0, 1] in between
+    smooth = ((old_len / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+    return 1.0 / (smooth + (1.0 - smooth) / factor)
+
+
+def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
+    """The rotation speed of each pair of channels, (head_dim // 2,), in float32.
+
+    Scalings are expressed as per-frequency divisors, so another one (PI, NTK, YaRN, searched
+    factors) is one more function returning a tensor of the same shape."""
+    exponents = torch.arange(0, args.head_dim, 2, dtype=torch.float32, device=device) / args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** exponents)
+    if args.rope_scaling is not None:
+        kind = args.rope_scaling["rope_type"]
+        if kind != "llama3":
+            raise ValueError(f"unsupported rope_type {kind!r} (supported: 'llama3' or none)")
+        inv_freq = inv_freq / llama3_rope_factors(inv_freq, args.rope_scaling)
+    return inv_freq
+
+
+def rope_cos_sin(args: ModelArgs, start_pos: int, seqlen: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every rotation angle for positions start_pos .. start_pos+seqlen-1, (seqlen, head_dim)."""
+    positions = torch.arange(start_pos, start_pos + seqlen, dtype=torch.float32, device=device)
+    angles = torch.outer(positions, rope_inv_freq(args, device))  # (seqlen, head_dim // 2)
+    angles = torch.cat((angles, angles), dim=-1)                   # (seqlen, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # "Rotate-half" layout: channel i is paired with channel i + head_dim/2 (not with i+1 as in Meta's
+    # complex-number code). Hugging Face checkpoints store wq/wk for this layout, so they load as they are.
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+class KVCache:
+    """Keys and values of every layer, pre-allocated for `max_len` positions.
+
+    The caller owns it and the position: `model(tokens, start_pos, cache)` writes the new keys and
+    values at start_pos.. and attends to everything before. Nothing inside the model advances it."""
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch, args.n_kv_heads, max_len, args.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.max_len = max_len
+
+
+# ----------------------------------------------------------------------------- the transformer
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        # q, k, v stay separate linears: LoRA wraps each of them by name
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, start_pos: int, cache_k=None, cache_v=None):
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)     # (bs, n_heads, seqlen, head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (bs, n_kv_heads, seqlen, head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (bs, n_kv_heads, seqlen, head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if cache_k is None:  # training / full-sequence path: plain causal attention
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            end = start_pos + seqlen
+            cache_k[:, :, start_pos:end] = k
+            cache_v[:, :, start_pos:end] = v
+            k, v = cache_k[:, :, :end], cache_v[:, :, :end]                              # (bs, n_kv_heads, end, head_dim)
+            if seqlen == 1:  # one new token sees every cached position: no mask needed
+                mask = None
+            else:  # query i (at position start_pos + i) sees keys 0 .. start_pos + i
+                mask = torch.ones(seqlen, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim)  # (bs, seqlen, n_heads * head_dim)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate (HF: gate_proj)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down (HF: down_proj)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up   (HF: up_proj)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, start_pos, cache_k=None, cache_v=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, cache_k, cache_v)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight  # one tensor, two uses
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
+                last: int | None = None) -> torch.Tensor:
+        """tokens (bs, seqlen) at positions start_pos.. -> logits (bs, seqlen, vocab_size).
+
+        With `cache`, keys/values are written there at start_pos and earlier cached ones are attended to;
+        without it the sequence is processed alone, causally (the training path; start_pos must be 0
+        unless you mean to shift positions). `last=n` computes logits for the last n positions only:
+        the output head is the largest matmul of a small model, and a loss on a suffix needs no more."""
+        bsz, seqlen = tokens.shape
+        if cache is not None and start_pos + seqlen > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; cannot write {seqlen} at {start_pos}")
+        h = self.tok_embeddings(tokens)                                                   # (bs, seqlen, dim)
+        cos, sin = rope_cos_sin(self.args, start_pos, seqlen, tokens.device)              # (seqlen, head_dim)
+        for i, layer in enumerate(self.layers):
+            if cache is None:
+                h = layer(h, cos, sin, start_pos)
+            else:
+                h = layer(h, cos, sin, start_pos, cache.k[i], cache.v[i])
+        if last is not None:
+            h = h[:, -last:]  # note: slicing before the norm and head saves their cost on unused positions
+        return self.output(self.norm(h))                                                  # (bs, seqlen or last, vocab)
+
+
+# ----------------------------------------------------------------------------- generation
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> int:
+    """Pick the next token from logits (vocab,): greedy when temperature == 0, else nucleus sampling."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(descending=True)
+    # keep the smallest set of tokens whose mass reaches top_p (the first token is always kept)
+    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+    sorted_probs[outside] = 0.0
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)
+    return int(order[choice])
+
+
+@torch.no_grad()
+def generate(model: Transformer, cache: KVCache, pending: list[int], start_pos: int, max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, stop_ids: tuple[int, ...] = (),
+             generator: torch.Generator | None = None) -> list[int]:
+    """Feed `pending` (tokens not yet in the cache) at start_pos, then sample up to max_new_tokens.
+
+    Returns the new tokens, stopping after a stop token. On return the cache holds every position
+    up to, but not including, the last new token: it is the next call's `pending`."""
+    device = cache.k[0].device
+    new: list[int] = []
+    pos = start_pos
+    tokens = torch.tensor([pending], device=device)
+    for _ in range(max_new_tokens):
+        logits = model(tokens, pos, cache, last=1)  # (1, 1, vocab)
+        pos += tokens.shape[1]
+        next_id = sample(logits[0, -1], temperature, top_p, generator)
+        new.append(next_id)
+        if next_id in stop_ids:
+            break
+        tokens = torch.tensor([[next_id]], device=device)
+    return new

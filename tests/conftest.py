@@ -1,0 +1,36 @@
+"""Shared helpers: tiny random Llama checkpoints written by transformers in the official layout."""
+import pytest
+import torch
+
+from model import ModelArgs, Transformer
+
+TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=300,
+            norm_eps=1e-5, rope_theta=10000.0, max_seq_len=256)
+
+
+def tiny_model(seed: int = 0, **overrides) -> Transformer:
+    """A small random float32 model of our own (no checkpoint), for tests of mechanics."""
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**(TINY | overrides)))
+    with torch.no_grad():  # nn.Linear's default init gives near-uniform logits; widen them a little
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def write_hf_checkpoint(path, seed: int = 0, shard: bool = True, **config) -> "LlamaForCausalLM":
+    """Save a random transformers LlamaForCausalLM with `config` to `path` in bf16 (sharded when
+    asked), exactly as an official checkpoint is laid out. Every weight, norms included, is random."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(**config)
+    hf = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.05)
+    hf.to(torch.bfloat16).save_pretrained(path, max_shard_size="100KB" if shard else "10GB")
+    return hf
