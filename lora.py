@@ -1,0 +1,103 @@
+"""Hand-written LoRA: wrap a frozen nn.Linear, train two thin matrices beside it, never merge.
+
+    y = base(x) + (alpha / rank) * B(A(dropout(x)))      A: (rank, in) kaiming-uniform, B: (out, rank) zeros
+
+B = 0 makes a fresh adapter exactly the identity. Removing the adapter puts the very same base module
+objects back, so the base weights are bit-identical to what was loaded: nothing is ever merged into
+them (a bf16 merge/unmerge round trip drifts the weights; the official Temp-LoRA code did that).
+"""
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# every linear of every block; not the output head (the official code excludes lm_head too)
+DEFAULT_TARGETS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                   "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {rank}")
+        self.base = base
+        self.scale = alpha / rank
+        self.dropout = dropout
+        self.enabled = True  # False: behave exactly as the base layer (used to score the base model)
+        # the adapter lives in its own dtype (float32 by default) even beside a bf16 base: its updates
+        # are ~lr-sized and would round away in bf16
+        device = base.weight.device
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.empty(base.out_features, rank, device=device, dtype=dtype))
+        self.reset()
+
+    def reset(self):
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        nn.init.zeros_(self.lora_b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in_features)
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        h = F.dropout(x, self.dropout, self.training).to(self.lora_a.dtype)
+        return y + (self.scale * (h @ self.lora_a.T) @ self.lora_b.T).to(y.dtype)
+
+
+def add_lora(model: nn.Module, rank: int = 64, alpha: float = 64.0, dropout: float = 0.05,
+             targets: tuple[str, ...] = DEFAULT_TARGETS, dtype: torch.dtype = torch.float32) -> list[LoRALinear]:
+    """Wrap `targets` (paths inside each block, e.g. "attention.wq") of every layer; return the wrappers."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("the model already has a LoRA adapter; remove_lora() it first")
+    wrappers = []
+    try:
+        for layer in model.layers:
+            for path in targets:
+                parent_path, _, name = path.rpartition(".")
+                parent = layer.get_submodule(parent_path)
+                base = getattr(parent, name)
+                if not isinstance(base, nn.Linear):
+                    raise ValueError(f"LoRA target {path!r} is a {type(base).__name__}, not an nn.Linear")
+                wrapper = LoRALinear(base, rank, alpha, dropout, dtype)
+                setattr(parent, name, wrapper)
+                wrappers.append(wrapper)
+    except Exception:
+        remove_lora(model)  # all or nothing
+        raise
+    return wrappers
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapter's trainable tensors, found by type (not by name)."""
+    return [p for m in model.modules() if isinstance(m, LoRALinear) for p in (m.lora_a, m.lora_b)]
+
+
+def reset_lora(model: nn.Module) -> None:
+    """Back to a fresh adapter (the identity), keeping the wrappers in place."""
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            m.reset()
+
+
+def remove_lora(model: nn.Module) -> None:
+    """Put every wrapped base nn.Linear back where it was. Safe to call when there is no adapter."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(parent, name, child.base)
+
+
+@contextmanager
+def lora_disabled(model: nn.Module):
+    """Run the base model with the adapter still in place but switched off."""
+    wrappers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in wrappers:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in wrappers:
+            m.enabled = True

@@ -1,0 +1,370 @@
+"""Temp-LoRA (arXiv 2401.11504): while a long text is generated (or scored), a temporary LoRA is trained
+on the text so far, block by block, so distant context lives in the adapter's weights instead of the
+KV cache. At the end the adapter is discarded: the base model is exactly what was loaded.
+
+    python templora.py demo                                         # the mechanics, offline, ~1 minute
+    python templora.py generate --model DIR --prompt-file F --max-new-tokens 2048
+    python templora.py eval --model DIR --text BOOK.txt --out results.json
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lora import add_lora, lora_disabled, remove_lora
+from model import KVCache, Transformer, generate
+from train_block import make_optimizer, train_block
+
+
+@dataclass
+class TempLoRAConfig:
+    delta: int = 1024          # Δ: tokens generated (or scored) per block; the adapter trains on each block
+    context: int = 3072        # L_T: tokens before a block that its training step sees (no loss on them)
+    window: int = 4096         # W: KV cache length; a block that would overflow it triggers a recompute
+    keep: int = 2048           # L_x: tokens re-encoded into the cache by a recompute
+    rank: int = 64             # LoRA rank r
+    alpha: float = 64.0        # LoRA scale is alpha / rank
+    dropout: float = 0.05      # LoRA dropout, during training only
+    lr: float = 5e-5           # AdamW learning rate, constant after the warm-up
+    warmup_blocks: int = 2     # lr ramps lr/2, lr, lr, ... (never 0: the first block trains too)
+    epochs: int = 2            # optimizer steps per block
+    weight_decay: float = 0.0
+    cache_reuse: bool = True   # keep K/V computed by older adapters (the paper's cache reuse)
+    templora: bool = True      # False: the base model alone, with the same window
+    seed: int = 0
+
+
+def check_config(cfg: TempLoRAConfig, model: Transformer) -> None:
+    """Reject knob values that cannot work, naming the flag."""
+    max_len = model.args.max_seq_len
+    problems = []
+    if cfg.delta < 2:
+        problems.append(f"--delta must be at least 2, got {cfg.delta}")
+    if cfg.delta >= cfg.window:
+        problems.append(f"--delta ({cfg.delta}) must be smaller than --window ({cfg.window})")
+    if cfg.keep + cfg.delta > cfg.window:
+        problems.append(f"--keep ({cfg.keep}) + --delta ({cfg.delta}) must fit in --window ({cfg.window})")
+    if cfg.window > max_len:
+        problems.append(f"--window ({cfg.window}) exceeds the model's max_position_embeddings ({max_len})")
+    if cfg.context < 0 or cfg.keep < 1:
+        problems.append(f"--context must be >= 0 and --keep >= 1 (got {cfg.context}, {cfg.keep})")
+    if cfg.templora and cfg.context + cfg.delta > max_len:
+        problems.append(f"--context ({cfg.context}) + --delta ({cfg.delta}) exceeds the model's "
+                        f"max_position_embeddings ({max_len})")
+    if cfg.templora and cfg.rank <= 0:
+        problems.append(f"--rank must be positive, got {cfg.rank}")
+    if cfg.templora and (cfg.epochs < 1 or not cfg.lr > 0):
+        problems.append(f"--epochs must be >= 1 and --lr > 0 (got {cfg.epochs}, {cfg.lr})")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def lr_at(block: int, cfg: TempLoRAConfig) -> float:
+    # a linear warm-up that starts at lr / warmup_blocks, not at 0 (a zero first step wastes block 0)
+    return cfg.lr * min(1.0, (block + 1) / max(1, cfg.warmup_blocks))
+
+
+class Window:
+    """The KV cache over the tail of the text, and which tokens it holds.
+
+    It holds text[start : start + length]; later tokens are pending (not yet encoded). When encoding
+    the pending tokens and the next block would overflow W positions, the cache is recomputed: it
+    restarts from the last L_x tokens of the text, each encoded exactly once, with the newest adapter."""
+
+    def __init__(self, model: Transformer, size: int, keep: int):
+        p = next(model.parameters())
+        self.cache = KVCache(model.args, 1, size, p.device, p.dtype)
+        self.size, self.keep = size, keep
+        self.start = self.length = 0
+        self.recomputes = 0
+
+    @property
+    def end(self) -> int:  # index in the text of the first token not in the cache
+        return self.start + self.length
+
+    def make_room(self, n_text: int, n_block: int) -> bool:
+        """Before a block: recompute if pending tokens + the block's new tokens would not fit."""
+        pending = n_text - self.end
+        if self.length + pending + n_block - 1 <= self.size:
+            return False
+        self.start, self.length = max(0, n_text - self.keep), 0
+        self.recomputes += 1
+        return True
+
+    def invalidate(self) -> None:
+        """Drop the cached K/V but keep the same tokens: they are re-encoded by the next forward."""
+        self.length = 0
+
+
+# ----------------------------------------------------------------------------- generate
+
+def generate_templora(model: Transformer, prompt: list[int], max_new_tokens: int, cfg: TempLoRAConfig,
+                      temperature: float = 0.0, top_p: float = 1.0, stop_ids: tuple[int, ...] = (),
+                      log=print) -> list[int]:
+    """Algorithm 1 of the paper: generate a block, train the adapter on it, reuse the cache, repeat;
+    discard the adapter at the end. Returns the generated tokens."""
+    check_config(cfg, model)
+    if not prompt:
+        raise ValueError("the prompt is empty (and the tokenizer has no BOS token to start from)")
+    torch.manual_seed(cfg.seed)
+    sampler = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+    text = list(prompt)
+    window = Window(model, cfg.window, cfg.keep)
+    if cfg.templora:
+        add_lora(model, cfg.rank, cfg.alpha, cfg.dropout)
+    try:
+        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay) if cfg.templora else None
+        block = 0
+        while len(text) - len(prompt) < max_new_tokens:
+            n = min(cfg.delta, max_new_tokens - (len(text) - len(prompt)))
+            if window.make_room(len(text), n):
+                log(f"[block {block}] recompute: cache rebuilt from the last {len(text) - window.start} tokens")
+            # 1. generate Δ tokens with the current adapter; the cache holds K/V of older adapters
+            pending = text[window.end:]
+            new = generate(model, window.cache, pending, window.length, n, temperature, top_p, stop_ids, sampler)
+            window.length += len(pending) + len(new) - 1  # the last new token is the next call's pending
+            text += new
+            log(f"[block {block}] generate: {len(new)} tokens (cache holds {window.length})")
+            if not cfg.templora:
+                block += 1
+            else:
+                # 2. train the adapter on the new block, with the L_T tokens before it as context
+                context = text[max(0, len(text) - len(new) - cfg.context): len(text) - len(new)]
+                losses = train_block(model, optimizer, context, new, lr_at(block, cfg), cfg.epochs)
+                log(f"[block {block}] train: {len(context)} context + {len(new)} block tokens, "
+                    f"loss {' -> '.join(f'{x:.3f}' for x in losses)}")
+                block += 1
+                # 3. reuse the cache: old K/V stay as older adapters computed them (unless asked not to)
+                if not cfg.cache_reuse:
+                    window.invalidate()
+            if stop_ids and new[-1] in stop_ids:
+                break
+    finally:
+        # 4. discard the adapter, whatever happened: the base modules go back, bit-identical
+        remove_lora(model)
+        if cfg.templora:
+            log("discard: adapter removed, base model restored")
+    return text[len(prompt):]
+
+
+# ----------------------------------------------------------------------------- eval (PG19 protocol)
+
+@torch.no_grad()
+def score_block(model: Transformer, window: Window, ids: list[int], start: int, end: int) -> float:
+    """Summed NLL (nats) of ids[start:end], each token given everything before it that the window holds."""
+    window.make_room(start, end - start)
+    feed = ids[window.end: end - 1]  # pending tokens, then the block but its last token
+    logits = model(torch.tensor([feed], device=window.cache.k[0].device), window.length, window.cache,
+                   last=end - start)                                                    # (1, end - start, vocab)
+    window.length += len(feed)
+    targets = torch.tensor(ids[start:end], device=logits.device)
+    return F.cross_entropy(logits[0].float(), targets, reduction="sum").item()
+
+
+def evaluate(model: Transformer, ids: list[int], cfg: TempLoRAConfig, base_window: int | None = None,
+             progress=None) -> dict:
+    """Score every block of Δ tokens with the base model and with the adapter trained on all earlier
+    blocks, then train on the block. Token 0 is context only; tokens 1.. are scored."""
+    check_config(cfg, model)
+    if len(ids) < cfg.delta + 1:
+        raise ValueError(f"the text has {len(ids)} tokens: fewer than one block (--delta {cfg.delta}) + 1")
+    torch.manual_seed(cfg.seed)
+    # the base model may get its own (e.g. longer) window; its L_x scales with it
+    base_size = base_window or cfg.window
+    base_win = Window(model, base_size, min(cfg.keep * base_size // cfg.window, base_size - cfg.delta))
+    lora_win = Window(model, cfg.window, cfg.keep)
+    chunks, t = [], {"score_base_s": 0.0, "score_templora_s": 0.0, "train_s": 0.0}
+    t0 = time.perf_counter()
+    add_lora(model, cfg.rank, cfg.alpha, cfg.dropout)
+    try:
+        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+        for block, start in enumerate(range(1, len(ids), cfg.delta)):
+            end = min(start + cfg.delta, len(ids))
+            tic = time.perf_counter()
+            with lora_disabled(model):
+                nll_base = score_block(model, base_win, ids, start, end)
+            tac = time.perf_counter()
+            nll_lora = score_block(model, lora_win, ids, start, end)
+            toc = time.perf_counter()
+            context = ids[max(0, start - cfg.context): start]
+            losses = train_block(model, optimizer, context, ids[start:end], lr_at(block, cfg), cfg.epochs)
+            if not cfg.cache_reuse:
+                lora_win.invalidate()
+            t["score_base_s"] += tac - tic
+            t["score_templora_s"] += toc - tac
+            t["train_s"] += time.perf_counter() - toc
+            chunks.append({"start": start, "tokens": end - start, "nll_base": nll_base, "nll_templora": nll_lora,
+                           "train_loss": losses})
+            if progress:
+                progress(chunks, end, len(ids), time.perf_counter() - t0)
+    finally:
+        remove_lora(model)
+    n = sum(c["tokens"] for c in chunks)
+    t["total_s"] = time.perf_counter() - t0
+    return {
+        "ppl_base": math.exp(sum(c["nll_base"] for c in chunks) / n),
+        "ppl_templora": math.exp(sum(c["nll_templora"] for c in chunks) / n),
+        "scored_tokens": n,
+        "recomputes": {"base": base_win.recomputes, "templora": lora_win.recomputes},
+        "skipped_updates": sum(math.isnan(x) for c in chunks for x in c["train_loss"]),
+        "config": asdict(cfg) | {"base_window": base_window or cfg.window},
+        "timings": t | {"tokens_per_s": n / t["total_s"]},
+        "chunks": chunks,
+    }
+
+
+# ----------------------------------------------------------------------------- command line
+
+def progress_bar(chunks: list[dict], done: int, total: int, elapsed: float) -> None:
+    """One line on stderr, rewritten in place: block i/N, train loss, running perplexities, tokens/s."""
+    n = sum(c["tokens"] for c in chunks)
+    ppl_b = math.exp(sum(c["nll_base"] for c in chunks) / n)
+    ppl_t = math.exp(sum(c["nll_templora"] for c in chunks) / n)
+    loss = chunks[-1]["train_loss"][-1]
+    blocks = math.ceil((total - 1) / chunks[0]["tokens"]) if chunks else 0
+    sys.stderr.write(f"\rblock {len(chunks)}/{blocks}  train loss {loss:.3f}  ppl base {ppl_b:.2f}  "
+                     f"templora {ppl_t:.2f}  {done / elapsed:.0f} tok/s ")
+    sys.stderr.flush()
+
+
+def position_table(chunks: list[dict], edges=(0, 4096, 8192, 16384, 32768, 65536, 131072)) -> str:
+    """Perplexity by position in the text (exp of mean NLL within each bucket)."""
+    rows = ["position        tokens   ppl_base  ppl_templora   change"]
+    for lo, hi in zip(edges, edges[1:] + (math.inf,)):
+        inside = [c for c in chunks if lo <= c["start"] < hi]
+        if not inside:
+            continue
+        n = sum(c["tokens"] for c in inside)
+        b = math.exp(sum(c["nll_base"] for c in inside) / n)
+        t = math.exp(sum(c["nll_templora"] for c in inside) / n)
+        label = f"{lo // 1024}K-{hi // 1024}K" if hi != math.inf else f"{lo // 1024}K+"
+        rows.append(f"{label:<14}{n:>8}  {b:9.3f}  {t:12.3f}  {100 * (t / b - 1):+6.1f}%")
+    return "\n".join(rows)
+
+
+def config_from_args(a: argparse.Namespace) -> TempLoRAConfig:
+    return TempLoRAConfig(delta=a.delta, context=a.context, window=a.window, keep=a.keep, rank=a.rank,
+                          alpha=a.alpha, dropout=a.dropout, lr=a.lr, warmup_blocks=a.warmup_blocks,
+                          epochs=a.epochs, cache_reuse=not a.no_cache_reuse,
+                          templora=not getattr(a, "no_templora", False), seed=a.seed)
+
+
+def read_text(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path}: file not found") from None
+    except (UnicodeDecodeError, IsADirectoryError) as e:
+        raise ValueError(f"{what} {path}: cannot read as UTF-8 text ({e})") from None
+
+
+def load(a: argparse.Namespace):
+    from load_llama import load_llama
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
+    torch.set_num_threads(a.threads) if a.threads else None
+    return load_llama(a.model, a.device, dtype)
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    model, tok = load(a)
+    cfg = config_from_args(a)
+    prompt_text = read_text(a.prompt_file, "--prompt-file")
+    prompt = tok.encode(prompt_text, bos=tok.bos_id is not None)  # empty prompt: start from BOS alone
+    t0 = time.perf_counter()
+    log = (lambda s: print(s, file=sys.stderr)) if not a.quiet else (lambda s: None)
+    new = generate_templora(model, prompt, a.max_new_tokens, cfg, a.temperature, a.top_p,
+                            tuple(tok.stop_ids), log)
+    seconds = time.perf_counter() - t0
+    out = tok.decode(new)
+    if a.out:
+        Path(a.out).write_text(out, encoding="utf-8")
+    else:
+        print(prompt_text + out)
+    print(f"{len(new)} tokens in {seconds:.1f}s ({len(new) / seconds:.1f} tok/s)", file=sys.stderr)
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    model, tok = load(a)
+    cfg = config_from_args(a)
+    ids = tok.encode(read_text(a.text, "--text"), bos=tok.bos_id is not None)
+    if a.max_tokens:
+        ids = ids[: a.max_tokens]
+    result = evaluate(model, ids, cfg, a.base_window, progress=None if a.quiet else progress_bar)
+    result |= {"model": str(a.model), "text": str(a.text), "text_tokens": len(ids), "dtype": a.dtype}
+    sys.stderr.write("\n")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(position_table(result["chunks"]))
+    change = 100 * (result["ppl_templora"] / result["ppl_base"] - 1)
+    print(f"overall: ppl_base {result['ppl_base']:.3f}  ppl_templora {result['ppl_templora']:.3f}  ({change:+.1f}%)"
+          f"  {result['scored_tokens']} tokens in {result['timings']['total_s']:.0f}s -> {a.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    d = TempLoRAConfig()
+
+    def common(sp, delta, context, window, keep):
+        sp.add_argument("--model", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer)")
+        sp.add_argument("--device", default="cpu")
+        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+        sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+        sp.add_argument("--delta", type=int, default=delta, help="Δ: tokens per block")
+        sp.add_argument("--context", type=int, default=context, help="L_T: context tokens seen by each training step")
+        sp.add_argument("--window", type=int, default=window, help="W: KV cache length")
+        sp.add_argument("--keep", type=int, default=keep, help="L_x: tokens kept when the cache is recomputed")
+        sp.add_argument("--rank", type=int, default=d.rank)
+        sp.add_argument("--alpha", type=float, default=d.alpha)
+        sp.add_argument("--dropout", type=float, default=d.dropout)
+        sp.add_argument("--lr", type=float, default=d.lr)
+        sp.add_argument("--warmup-blocks", type=int, default=d.warmup_blocks)
+        sp.add_argument("--epochs", type=int, default=d.epochs, help="optimizer steps per block")
+        sp.add_argument("--no-cache-reuse", action="store_true", help="recompute the cache after every update")
+        sp.add_argument("--seed", type=int, default=d.seed)
+        sp.add_argument("--quiet", action="store_true")
+
+    g = sub.add_parser("generate", help="generate text with Temp-LoRA")
+    common(g, d.delta, d.context, d.window, d.keep)
+    g.add_argument("--prompt-file", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=2048)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--no-templora", action="store_true", help="the base model alone, same window")
+    g.add_argument("--out", help="write the generated text here instead of stdout")
+    g.set_defaults(run=cmd_generate)
+
+    e = sub.add_parser("eval", help="perplexity of a long text, base vs Temp-LoRA (PG19 protocol)")
+    common(e, d.delta, d.context, d.window, d.keep)
+    e.add_argument("--text", required=True, help="a UTF-8 text file, e.g. a PG19 book")
+    e.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (0: all)")
+    e.add_argument("--base-window", type=int, default=None, help="W for the base model (default: --window)")
+    e.add_argument("--out", default="results.json")
+    e.set_defaults(run=cmd_eval)
+
+    m = sub.add_parser("demo", help="the whole loop on a tiny random model, offline (~1 minute)")
+    m.set_defaults(run=lambda a: demo())
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        a.run(a)
+    except KeyboardInterrupt:  # the adapter is already gone: every loop removes it in a finally
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except ValueError as e:  # CheckpointError is a ValueError: bad files and bad knobs end here
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

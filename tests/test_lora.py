@@ -1,0 +1,124 @@
+"""lora.py and train_block.py: identity at init, a base model that never changes, the loss, the gradients."""
+import hashlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_model
+from lora import LoRALinear, add_lora, lora_parameters, remove_lora, reset_lora
+from train_block import block_loss, make_optimizer, train_block
+
+
+def checksums(model) -> dict[str, str]:
+    return {n: hashlib.sha256(p.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+            for n, p in model.state_dict().items()}
+
+
+def test_fresh_adapter_leaves_logits_bit_identical():
+    model = tiny_model()
+    tokens = torch.randint(0, 300, (2, 33))
+    with torch.no_grad():
+        before = model(tokens)
+        wrappers = add_lora(model, rank=8, alpha=16)
+        after = model(tokens)
+    assert len(wrappers) == 7 * model.args.n_layers  # q k v o, gate up down of every block
+    assert torch.equal(before, after)
+
+
+def test_bf16_base_with_fp32_adapter_is_identity_at_init():
+    model = tiny_model().to(torch.bfloat16)
+    tokens = torch.randint(0, 300, (1, 17))
+    with torch.no_grad():
+        before = model(tokens)
+        add_lora(model, rank=4, alpha=4)
+        assert all(p.dtype == torch.float32 for p in lora_parameters(model))
+        assert torch.equal(before, model(tokens))
+
+
+def test_training_then_removal_leaves_base_parameters_bit_identical():
+    model = tiny_model()
+    base_modules = [layer.attention.wq for layer in model.layers]
+    before = checksums(model)
+    add_lora(model, rank=8, alpha=16, dropout=0.1)
+    opt = make_optimizer(model, lr=1e-2)
+    ids = torch.randint(0, 300, (40,)).tolist()
+    losses = train_block(model, opt, ids[:24], ids[24:], lr=1e-2, epochs=3)
+    assert losses[-1] < losses[0]  # it did train
+    assert any(p.abs().sum() > 0 for m in model.modules() if isinstance(m, LoRALinear) for p in [m.lora_b])
+    remove_lora(model)
+    assert checksums(model) == before
+    assert [layer.attention.wq for layer in model.layers] == base_modules  # the very same objects
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_only_adapter_tensors_receive_gradients():
+    model = tiny_model()
+    model.requires_grad_(False)  # as load_model leaves it
+    add_lora(model, rank=4, alpha=8)
+    ids = torch.randint(0, 300, (20,)).tolist()
+    block_loss(model, ids[:10], ids[10:]).backward()
+    adapter = {id(p) for p in lora_parameters(model)}
+    for name, p in model.named_parameters():
+        if id(p) in adapter:
+            assert p.grad is not None and p.grad.abs().sum() > 0 or "lora_a" in name, name
+        else:
+            assert p.grad is None, name
+    # with B = 0 the gradient reaches B first; A gets none until B moves
+    assert all(m.lora_b.grad.abs().sum() > 0 for m in model.modules() if isinstance(m, LoRALinear))
+
+
+@pytest.mark.parametrize("n_context", [0, 9])
+def test_block_loss_is_cross_entropy_over_block_tokens_only(n_context):
+    model = tiny_model()
+    add_lora(model, rank=4, alpha=8, dropout=0.0)
+    for m in model.modules():  # a non-trivial adapter, so the check covers the LoRA path too
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_b, std=0.05)
+    ids = torch.randint(0, 300, (n_context + 12,)).tolist()
+    context, block = ids[:n_context], ids[n_context:]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]))[0]  # (seq, vocab): plain full forward
+        first = max(n_context - 1, 0)  # logits at position i predict token i + 1
+        expected = F.cross_entropy(logits[first:-1], torch.tensor(ids[first + 1:]))
+        got = block_loss(model, context, block)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    opt = make_optimizer(model, lr=1e-3)
+    losses = train_block(model, opt, context, block, lr=1e-3, epochs=1)
+    assert losses[0] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_non_finite_loss_skips_the_update():
+    model = tiny_model()
+    add_lora(model, rank=4, alpha=8)
+    with torch.no_grad():
+        model.layers[0].attention.wq.base.weight[0, 0] = float("nan")  # poison the forward
+    opt = make_optimizer(model, lr=1e-2)
+    before = [p.clone() for p in lora_parameters(model)]
+    ids = list(range(30))
+    losses = train_block(model, opt, ids[:10], ids[10:], lr=1e-2, epochs=2)
+    assert all(x != x for x in losses)  # NaN reported
+    assert all(torch.equal(a, b) for a, b in zip(before, lora_parameters(model)))  # nothing applied
+
+
+def test_reset_makes_the_adapter_the_identity_again():
+    model = tiny_model()
+    tokens = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        base = model(tokens)
+    add_lora(model, rank=4, alpha=8)
+    train_block(model, make_optimizer(model, 1e-2), [], tokens[0].tolist(), lr=1e-2)
+    with torch.no_grad():
+        assert not torch.equal(model(tokens), base)
+        reset_lora(model)
+        assert torch.equal(model(tokens), base)
+
+
+def test_invalid_rank_and_double_adapter_are_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="rank must be positive"):
+        add_lora(model, rank=0)
+    remove_lora(model)
+    add_lora(model, rank=2)
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        add_lora(model, rank=2)
