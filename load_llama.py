@@ -6,17 +6,246 @@ same layout, such as SmolLM2) into model.py, and its tokenizer into tiktoken.
 Only safetensors are read (no pickle is ever loaded). Every problem with the directory raises
 CheckpointError with a message that names the file, key or setting at fault.
 """
+import base64
 import json
+import re
 from pathlib import Path
 
+import tiktoken
 import torch
 from safetensors import SafetensorError, safe_open
 
 from model import ModelArgs, Transformer
 
-# @@TOKENIZER@@
+
 class CheckpointError(ValueError):
-    pass
+    """A checkpoint file is missing, malformed, or uses a feature we do not support."""
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+# Llama 3 pre-tokenizer regex (Meta's llama3/tokenizer.py): text is cut into pieces with
+# this regex, and each piece is byte-pair-encoded on its own.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# GPT-2's regex, which Hugging Face's ByteLevel pre-tokenizer applies when use_regex=True.
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+# Meta's 256 special tokens, given the ids right after the BPE tokens (128000..128255 for Llama 3).
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>",
+] + [f"<|reserved_special_token_{i}|>" for i in range(2, 246)]
+LLAMA3_STOP_TOKENS = ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]  # end of text / message / turn
+
+
+class Tokenizer:
+    """Byte-pair encoding done by tiktoken, plus BOS/EOS, special tokens and the id mapping.
+
+    tiktoken calls its ids "ranks" and merges by them; `id_of_rank[rank]` is the model's id
+    for that token (identity for Meta's files; -1 for a byte the vocabulary lacks)."""
+
+    def __init__(self, pat_str: str, ranks: dict[bytes, int], id_of_rank: list[int],
+                 special_tokens: dict[str, int], bos_id: int | None, stop_ids: list[int],
+                 cut_like_meta: bool = False):
+        self._bpe = tiktoken.Encoding("templora", pat_str=pat_str, mergeable_ranks=ranks, special_tokens={})
+        self._id_of_rank = id_of_rank
+        self.cut_like_meta = cut_like_meta  # Meta's files: cut long inputs where Meta's encode() does
+        # decode() needs the bytes of every id, special tokens included
+        self._bytes_of_id = {id_of_rank[r]: tok for tok, r in ranks.items() if id_of_rank[r] >= 0}
+        self._bytes_of_id |= {i: text.encode() for text, i in special_tokens.items()}
+        self.special_tokens = special_tokens
+        self.n_words = max(self._bytes_of_id) + 1  # vocabulary size
+        self.bos_id, self.eos_id, self.stop_ids = bos_id, stop_ids[0], stop_ids
+        unknown = [i for i in [bos_id, *stop_ids] if i is not None and i not in self._bytes_of_id]
+        if unknown:
+            raise ValueError(f"bos/eos token ids {unknown} are not in the vocabulary")
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of `text`. Special-token strings in `text` (e.g. "<|eot_id|>") are encoded as
+        ordinary text, as Meta's encode() does by default, so user text cannot forge them.
+        (Hugging Face would turn them into their special ids.)"""
+        id_of = self._id_of_rank
+        chunks = _meta_chunks(text) if self.cut_like_meta else [text]
+        ids = [id_of[r] for chunk in chunks for r in self._bpe.encode_ordinary(chunk)]
+        ids = [i for i in ids if i >= 0]  # -1: a byte missing from the vocab, dropped as HF does
+        if bos:
+            if self.bos_id is None:
+                raise ValueError("this tokenizer has no BOS token")
+            ids.insert(0, self.bos_id)
+        return ids + [self.eos_id] if eos else ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids. Bytes that are not valid UTF-8 (e.g. half an emoji) become U+FFFD."""
+        try:
+            data = b"".join(self._bytes_of_id[i] for i in ids)
+        except KeyError as e:
+            raise ValueError(f"unknown token id {e.args[0]}") from None
+        return data.decode("utf-8", errors="replace")
+
+
+def _meta_chunks(text: str):
+    """Cut `text` exactly where Meta's encode() does, so our ids match Meta's on any input:
+    into 400,000-char chunks, then inside any run of more than 25,000 whitespace (or
+    non-whitespace) chars every 25,000 chars (Meta's guards against old tiktoken crashes,
+    openai/tiktoken#195). The lookbehinds make runs match only from their start: a linear scan.
+    Hugging Face does not cut, so this is done for Meta's tokenizer.model only."""
+    for start in range(0, len(text), 400_000):
+        chunk, cut = text[start:start + 400_000], 0
+        for run in re.finditer(r"(?<!\s)\s{25001,}|(?<!\S)\S{25001,}", chunk):
+            for end in range(run.start() + 25_000, run.end(), 25_000):
+                yield chunk[cut:end]
+                cut = end
+        yield chunk[cut:]
+
+
+# What reading a tokenizer file gives: (split regex, tiktoken ranks, id_of_rank, special tokens).
+TokenizerParts = tuple[str, dict[bytes, int], list[int], dict[str, int]]
+
+
+def _read_tiktoken_model(path: Path) -> TokenizerParts:
+    """Meta's tokenizer.model: one line "<base64 of the token's bytes> <rank>" per BPE token;
+    ranks are the ids, and the 256 special tokens follow them."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not a tiktoken BPE file (binary; a SentencePiece model?)") from None
+    ranks: dict[bytes, int] = {}
+    for n, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:  # wrong field count, bad base64 (binascii.Error), or bad int
+                msg = f"{path}, line {n}: expected '<base64> <rank>', got {line[:60]!r}"
+                raise CheckpointError(msg) from None
+    # checked here: on these tiktoken would panic (a Rust crash, not a Python exception)
+    if sorted(ranks.values()) != list(range(len(ranks))) or len({t for t in ranks if len(t) == 1}) < 256:
+        raise CheckpointError(f"{path}: ranks must be 0..N-1, each once, and include all 256 single bytes")
+    special = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIAL_TOKENS)}
+    return LLAMA3_PATTERN, ranks, list(range(len(ranks))), special
+
+
+def _byte_level_table() -> dict[int, int]:
+    """GPT-2's byte-level BPE writes each byte as one printable character: printable Latin-1
+    bytes stand for themselves, the other 68 bytes become chr(256), chr(257), ... in order.
+    Returns a str.translate table back to one char per byte (chars that stand for no byte
+    become U+FFFF, which .encode("latin-1") then rejects)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    table = {c: 0xFFFF for c in range(256)} | {b: b for b in printable}
+    return table | {256 + i: b for i, b in enumerate(others)}
+
+
+def _pattern_from_pre_tokenizer(pre: dict | None) -> str | None:
+    """One tiktoken regex that cuts text exactly like the file's pre_tokenizer (None: unsupported)."""
+    steps = pre["pretokenizers"] if pre and pre["type"] == "Sequence" else [pre or {}]
+    kinds, first, last = [s.get("type") for s in steps], steps[0], steps[-1]
+    if kinds[-1] == "ByteLevel" and not last.get("add_prefix_space"):
+        use_regex = last.get("use_regex", True)
+        if kinds == ["ByteLevel"] and use_regex:  # GPT-2 style
+            return GPT2_PATTERN
+        if (kinds == ["Split", "ByteLevel"] and not use_regex and "Regex" in first["pattern"]
+                and first["behavior"] == "Isolated" and not first["invert"]):  # Llama 3 style
+            return first["pattern"]["Regex"]
+        if kinds == ["Digits", "ByteLevel"] and use_regex:  # SmolLM2 style
+            # Digits are cut out first, then GPT-2's regex runs on the text between them. Same as:
+            # GPT-2's regex where a digit never takes a leading space and comes alone (or as a
+            # run), and a whitespace run may end right before a digit as at the end of the text.
+            digits = r"\p{N}" if first.get("individual_digits") else r"\p{N}+"
+            return GPT2_PATTERN.replace(r" ?\p{N}+", digits).replace(r"\s+(?!\S)", r"\s+(?![^\s\p{N}])")
+    return None
+
+
+def _read_hf_tokenizer_json(path: Path) -> TokenizerParts:
+    """Hugging Face tokenizer.json holding a byte-level BPE (Llama 3, GPT-2, SmolLM2 style)."""
+    def unsupported(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: unsupported {what}")
+
+    tj = read_json(path)
+    try:
+        model = tj["model"]
+        if model.get("type") != "BPE":
+            raise unsupported(f"model type {model.get('type')!r} (only byte-level BPE)")
+        if tj.get("normalizer"):
+            raise unsupported(f"normalizer {tj['normalizer'].get('type')!r}")
+        for option in ["dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"]:
+            if model.get(option):
+                raise unsupported(f"BPE option {option}={model[option]!r}")
+        pat_str = _pattern_from_pre_tokenizer(tj.get("pre_tokenizer"))
+        if pat_str is None:
+            raise unsupported(f"pre_tokenizer {json.dumps(tj.get('pre_tokenizer'))[:300]} (supported: "
+                              "ByteLevel; Split(Regex)+ByteLevel(use_regex=false); Digits+ByteLevel)")
+        special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+
+        table = _byte_level_table()
+        def to_bytes(token: str) -> bytes:
+            try:
+                return token.translate(table).encode("latin-1")
+            except UnicodeEncodeError:
+                raise unsupported(f"vocab entry {token!r} (not a byte-level BPE vocab)") from None
+
+        special_ids = set(special.values())  # special tokens are encoded/decoded apart from the BPE
+        bytes_of = {t: to_bytes(t) for t, i in model["vocab"].items() if i not in special_ids}
+        vocab = {bytes_of[t]: model["vocab"][t] for t in bytes_of}
+        # tiktoken merges the adjacent pair whose *result* has the lowest rank and returns ranks as
+        # ids; HF merges the pair listed first in `merges`, and its ids can be in any order (SmolLM2
+        # puts special tokens at 0..16). So rank = when a token is first built: the 256 bytes, then
+        # each merge's result in list order; id_of_rank maps ranks back to the file's ids.
+        ranks = {bytes([b]): b for b in range(256)}
+        for merge in model["merges"]:
+            left, right = merge.split(" ") if isinstance(merge, str) else merge  # old / new format
+            ranks.setdefault(bytes_of[left] + bytes_of[right], len(ranks))
+        orphans = (set(vocab) ^ set(ranks)) - {bytes([b]) for b in range(256)}
+        if orphans:
+            raise unsupported(f"vocab/merges mismatch at {min(orphans)!r} "
+                              "(a token no merge builds, or a merge result missing from the vocab)")
+    except (LookupError, TypeError, AttributeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: malformed tokenizer.json ({type(e).__name__}: {e})") from None
+    # A vocab can lack some bytes (training skips bytes it never saw): they still get a rank so
+    # tiktoken never meets an unknown byte, but map to -1 and are dropped, as HF does when the
+    # file has no unk_token (SmolLM2 lacks e.g. 0x04 and 0xF1: rare control chars and planes).
+    # ignore_merges=True (Llama 3 files: a piece that is a vocab token is emitted whole) is what
+    # tiktoken always does; with False, HF's merges reach the same token for trained vocabularies.
+    return pat_str, ranks, [vocab.get(tok, -1) for tok in ranks], special
+
+
+def _ids(*values) -> list[int]:
+    """Flatten token-id settings that may be missing (None), an int, or a list of ints."""
+    return [i for v in values if v is not None for i in (v if isinstance(v, list) else [v])]
+
+
+def load_tokenizer(ckpt_dir: Path, config: dict) -> Tokenizer:
+    """Load the checkpoint's tokenizer; `config` is its parsed config.json.
+
+    tokenizer.json is preferred: every Hugging Face repo has one and it lists the repo's own
+    special tokens. Meta's tokenizer.model is the fallback (Meta's Llama 3 downloads); for
+    Llama 3 both give identical ids (checked in tests)."""
+    ckpt_dir = Path(ckpt_dir)
+    tried = [ckpt_dir / "tokenizer.json", ckpt_dir / "original/tokenizer.model", ckpt_dir / "tokenizer.model"]
+    path = next((p for p in tried if p.is_file()), None)
+    if path is None:
+        raise CheckpointError(f"no tokenizer found; tried {', '.join(map(str, tried))}")
+    read = _read_hf_tokenizer_json if path.suffix == ".json" else _read_tiktoken_model
+    pat_str, ranks, id_of_rank, special = read(path)
+    # BOS/EOS come from config.json and generation_config.json (chat models often list several
+    # EOS ids there); Llama 3's named stop tokens are always stops too.
+    gen_path = ckpt_dir / "generation_config.json"
+    gen = read_json(gen_path) if gen_path.is_file() else {}
+    bos = _ids(config.get("bos_token_id"), gen.get("bos_token_id"), special.get("<|begin_of_text|>"))
+    stops = _ids(config.get("eos_token_id"), gen.get("eos_token_id"), *map(special.get, LLAMA3_STOP_TOKENS))
+    # eos_id (what encode(eos=True) appends) is the first: config.json's, else <|end_of_text|>
+    if not stops:
+        raise CheckpointError(f"{ckpt_dir}: no eos_token_id in config.json and no <|end_of_text|> token")
+    try:
+        return Tokenizer(pat_str, ranks, id_of_rank, special, bos_id=bos[0] if bos else None,
+                         stop_ids=list(dict.fromkeys(stops)),  # (no repeats)
+                         cut_like_meta=path.suffix != ".json")
+    except (ValueError, TypeError) as e:  # a regex tiktoken cannot compile, bos/eos ids not in the vocab
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 
