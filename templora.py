@@ -125,6 +125,8 @@ def generate_templora(model: Transformer, prompt: list[int], max_new_tokens: int
             n = min(cfg.delta, max_new_tokens - (len(text) - len(prompt)))
             if window.make_room(len(text), n):
                 log(f"[block {block}] recompute: cache rebuilt from the last {len(text) - window.start} tokens")
+            elif block > 0:
+                log(f"[block {block}] reuse: cache keeps the K/V of {window.length} tokens from earlier adapters")
             # 1. generate Δ tokens with the current adapter; the cache holds K/V of older adapters
             pending = text[window.end:]
             new = generate(model, window.cache, pending, window.length, n, temperature, top_p, stop_ids, sampler)
@@ -190,6 +192,7 @@ def evaluate(model: Transformer, ids: list[int], cfg: TempLoRAConfig, base_windo
             with lora_disabled(model):
                 nll_base = score_block(model, base_win, ids, start, end)
             tac = time.perf_counter()
+            recomputes = lora_win.recomputes
             nll_lora = score_block(model, lora_win, ids, start, end)
             toc = time.perf_counter()
             context = ids[max(0, start - cfg.context): start]
@@ -200,7 +203,7 @@ def evaluate(model: Transformer, ids: list[int], cfg: TempLoRAConfig, base_windo
             t["score_templora_s"] += toc - tac
             t["train_s"] += time.perf_counter() - toc
             chunks.append({"start": start, "tokens": end - start, "nll_base": nll_base, "nll_templora": nll_lora,
-                           "train_loss": losses})
+                           "train_loss": losses, "recomputed": lora_win.recomputes > recomputes})
             if progress:
                 progress(chunks, end, len(ids), time.perf_counter() - t0)
     finally:
@@ -304,6 +307,47 @@ def cmd_eval(a: argparse.Namespace) -> None:
     change = 100 * (result["ppl_templora"] / result["ppl_base"] - 1)
     print(f"overall: ppl_base {result['ppl_base']:.3f}  ppl_templora {result['ppl_templora']:.3f}  ({change:+.1f}%)"
           f"  {result['scored_tokens']} tokens in {result['timings']['total_s']:.0f}s -> {a.out}")
+
+
+def demo() -> None:
+    """The whole loop offline: a tiny random Llama, a byte-level tokenizer, a public-domain excerpt."""
+    from load_llama import GPT2_PATTERN, Tokenizer
+    from model import ModelArgs
+    print("DEMONSTRATION of the mechanics only: a tiny Llama with RANDOM weights (no download), so its text is\n"
+          "gibberish and its base perplexity is that of chance. What it shows is every step of the loop.\n")
+    torch.manual_seed(0)
+    # one token per byte: tiktoken with the 256 single bytes as its whole vocabulary, plus BOS/EOS
+    tok = Tokenizer(GPT2_PATTERN, {bytes([b]): b for b in range(256)}, list(range(256)),
+                    {"<|begin_of_text|>": 256, "<|end_of_text|>": 257}, bos_id=256, stop_ids=[257])
+    args = ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=384,
+                     vocab_size=258, rope_theta=10000.0, max_seq_len=2048)
+    model = Transformer(args).eval().requires_grad_(False)
+    before = [p.clone() for p in model.parameters()]
+    text = (Path(__file__).parent / "tests" / "excerpt.txt").read_text(encoding="utf-8")
+    ids = tok.encode(text, bos=True)
+    cfg = TempLoRAConfig(delta=512, context=512, window=1536, keep=512, rank=16, alpha=32, lr=2e-3, epochs=2)
+    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; text: {len(ids)} byte tokens of "
+          f"'The Harvester' (Gene Stratton-Porter, 1911)\nknobs: {asdict(cfg)}\n")
+
+    print("== eval: score each block with the base model and with the adapter trained on earlier blocks ==")
+
+    def per_block(chunks, done, total, elapsed):
+        c = chunks[-1]
+        print(f"block {len(chunks):2d} tokens {c['start']:5d}-{c['start'] + c['tokens']:5d}  "
+              f"{'recompute' if c['recomputed'] else 'reuse    '}  "
+              f"ppl base {math.exp(c['nll_base'] / c['tokens']):7.2f}  "
+              f"templora {math.exp(c['nll_templora'] / c['tokens']):7.2f}  "
+              f"then train: loss {' -> '.join(f'{x:.3f}' for x in c['train_loss'])}")
+    r = evaluate(model, ids, cfg, progress=per_block)
+    print(f"overall ppl: base {r['ppl_base']:.2f}, templora {r['ppl_templora']:.2f}; "
+          f"cache recomputes {r['recomputes']['templora']}; {r['timings']['total_s']:.1f}s\n")
+
+    print("== generate: 4 blocks of Δ=256 tokens, window W=1024 cut to the last L_x=256 tokens on overflow ==")
+    gen_cfg = TempLoRAConfig(**(asdict(cfg) | {"delta": 256, "window": 1024, "keep": 256}))
+    new = generate_templora(model, ids[:300], 1024, gen_cfg, log=print)
+    print(f"generated {len(new)} tokens (gibberish from a random model): {tok.decode(new[:60])!r}...")
+    same = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    print(f"base weights bit-identical to before the run: {same}")
 
 
 def build_parser() -> argparse.ArgumentParser:
