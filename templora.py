@@ -172,7 +172,8 @@ def score_block(model: Transformer, window: Window, ids: list[int], start: int, 
 def evaluate(model: Transformer, ids: list[int], cfg: TempLoRAConfig, base_window: int | None = None,
              progress=None) -> dict:
     """Score every block of Δ tokens with the base model and with the adapter trained on all earlier
-    blocks, then train on the block. Token 0 is context only; tokens 1.. are scored."""
+    blocks, then train on the block. Token 0 is context only; tokens 1.. are scored.
+    With cfg.templora False only the base model is scored (no adapter, no training)."""
     check_config(cfg, model)
     if len(ids) < cfg.delta + 1:
         raise ValueError(f"the text has {len(ids)} tokens: fewer than one block (--delta {cfg.delta}) + 1")
@@ -180,30 +181,34 @@ def evaluate(model: Transformer, ids: list[int], cfg: TempLoRAConfig, base_windo
     # the base model may get its own (e.g. longer) window; its L_x scales with it
     base_size = base_window or cfg.window
     base_win = Window(model, base_size, min(cfg.keep * base_size // cfg.window, base_size - cfg.delta))
-    lora_win = Window(model, cfg.window, cfg.keep)
+    lora_win = Window(model, cfg.window, cfg.keep) if cfg.templora else None
     chunks, t = [], {"score_base_s": 0.0, "score_templora_s": 0.0, "train_s": 0.0}
     t0 = time.perf_counter()
-    add_lora(model, cfg.rank, cfg.alpha, cfg.dropout)
+    if cfg.templora:
+        add_lora(model, cfg.rank, cfg.alpha, cfg.dropout)
     try:
-        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay) if cfg.templora else None
         for block, start in enumerate(range(1, len(ids), cfg.delta)):
             end = min(start + cfg.delta, len(ids))
             tic = time.perf_counter()
             with lora_disabled(model):
                 nll_base = score_block(model, base_win, ids, start, end)
+            chunk = {"start": start, "tokens": end - start, "nll_base": nll_base}
             tac = time.perf_counter()
-            recomputes = lora_win.recomputes
-            nll_lora = score_block(model, lora_win, ids, start, end)
-            toc = time.perf_counter()
-            context = ids[max(0, start - cfg.context): start]
-            losses = train_block(model, optimizer, context, ids[start:end], lr_at(block, cfg), cfg.epochs)
-            if not cfg.cache_reuse:
-                lora_win.invalidate()
             t["score_base_s"] += tac - tic
-            t["score_templora_s"] += toc - tac
-            t["train_s"] += time.perf_counter() - toc
-            chunks.append({"start": start, "tokens": end - start, "nll_base": nll_base, "nll_templora": nll_lora,
-                           "train_loss": losses, "recomputed": lora_win.recomputes > recomputes})
+            if cfg.templora:
+                recomputes = lora_win.recomputes
+                chunk["nll_templora"] = score_block(model, lora_win, ids, start, end)
+                chunk["recomputed"] = lora_win.recomputes > recomputes
+                toc = time.perf_counter()
+                context = ids[max(0, start - cfg.context): start]
+                chunk["train_loss"] = train_block(model, optimizer, context, ids[start:end], lr_at(block, cfg),
+                                                  cfg.epochs)
+                if not cfg.cache_reuse:
+                    lora_win.invalidate()
+                t["score_templora_s"] += toc - tac
+                t["train_s"] += time.perf_counter() - toc
+            chunks.append(chunk)
             if progress:
                 progress(chunks, end, len(ids), time.perf_counter() - t0)
     finally:
@@ -212,11 +217,11 @@ def evaluate(model: Transformer, ids: list[int], cfg: TempLoRAConfig, base_windo
     t["total_s"] = time.perf_counter() - t0
     return {
         "ppl_base": math.exp(sum(c["nll_base"] for c in chunks) / n),
-        "ppl_templora": math.exp(sum(c["nll_templora"] for c in chunks) / n),
+        "ppl_templora": math.exp(sum(c["nll_templora"] for c in chunks) / n) if cfg.templora else None,
         "scored_tokens": n,
-        "recomputes": {"base": base_win.recomputes, "templora": lora_win.recomputes},
-        "skipped_updates": sum(math.isnan(x) for c in chunks for x in c["train_loss"]),
-        "config": asdict(cfg) | {"base_window": base_window or cfg.window},
+        "recomputes": {"base": base_win.recomputes, "templora": lora_win.recomputes if cfg.templora else None},
+        "skipped_updates": sum(math.isnan(x) for c in chunks for x in c.get("train_loss", [])),
+        "config": asdict(cfg) | {"base_window": base_size},
         "timings": t | {"tokens_per_s": n / t["total_s"]},
         "chunks": chunks,
     }
@@ -228,11 +233,12 @@ def progress_bar(chunks: list[dict], done: int, total: int, elapsed: float) -> N
     """One line on stderr, rewritten in place: block i/N, train loss, running perplexities, tokens/s."""
     n = sum(c["tokens"] for c in chunks)
     ppl_b = math.exp(sum(c["nll_base"] for c in chunks) / n)
-    ppl_t = math.exp(sum(c["nll_templora"] for c in chunks) / n)
-    loss = chunks[-1]["train_loss"][-1]
-    blocks = math.ceil((total - 1) / chunks[0]["tokens"]) if chunks else 0
-    sys.stderr.write(f"\rblock {len(chunks)}/{blocks}  train loss {loss:.3f}  ppl base {ppl_b:.2f}  "
-                     f"templora {ppl_t:.2f}  {done / elapsed:.0f} tok/s ")
+    blocks = math.ceil((total - 1) / chunks[0]["tokens"])
+    line = f"\rblock {len(chunks)}/{blocks}  ppl base {ppl_b:.2f}  "
+    if "nll_templora" in chunks[-1]:
+        ppl_t = math.exp(sum(c["nll_templora"] for c in chunks) / n)
+        line += f"templora {ppl_t:.2f}  train loss {chunks[-1]['train_loss'][-1]:.3f}  "
+    sys.stderr.write(line + f"{done / elapsed:.0f} tok/s ")
     sys.stderr.flush()
 
 
@@ -245,9 +251,12 @@ def position_table(chunks: list[dict], edges=(0, 4096, 8192, 16384, 32768, 65536
             continue
         n = sum(c["tokens"] for c in inside)
         b = math.exp(sum(c["nll_base"] for c in inside) / n)
-        t = math.exp(sum(c["nll_templora"] for c in inside) / n)
         label = f"{lo // 1024}K-{hi // 1024}K" if hi != math.inf else f"{lo // 1024}K+"
-        rows.append(f"{label:<14}{n:>8}  {b:9.3f}  {t:12.3f}  {100 * (t / b - 1):+6.1f}%")
+        if "nll_templora" in inside[0]:
+            t = math.exp(sum(c["nll_templora"] for c in inside) / n)
+            rows.append(f"{label:<14}{n:>8}  {b:9.3f}  {t:12.3f}  {100 * (t / b - 1):+6.1f}%")
+        else:
+            rows.append(f"{label:<14}{n:>8}  {b:9.3f}")
     return "\n".join(rows)
 
 
@@ -304,9 +313,11 @@ def cmd_eval(a: argparse.Namespace) -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
     print(position_table(result["chunks"]))
-    change = 100 * (result["ppl_templora"] / result["ppl_base"] - 1)
-    print(f"overall: ppl_base {result['ppl_base']:.3f}  ppl_templora {result['ppl_templora']:.3f}  ({change:+.1f}%)"
-          f"  {result['scored_tokens']} tokens in {result['timings']['total_s']:.0f}s -> {a.out}")
+    overall = f"overall: ppl_base {result['ppl_base']:.3f}"
+    if result["ppl_templora"] is not None:
+        change = 100 * (result["ppl_templora"] / result["ppl_base"] - 1)
+        overall += f"  ppl_templora {result['ppl_templora']:.3f}  ({change:+.1f}%)"
+    print(f"{overall}  {result['scored_tokens']} tokens in {result['timings']['total_s']:.0f}s -> {a.out}")
 
 
 def demo() -> None:
@@ -389,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", required=True, help="a UTF-8 text file, e.g. a PG19 book")
     e.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (0: all)")
     e.add_argument("--base-window", type=int, default=None, help="W for the base model (default: --window)")
+    e.add_argument("--no-templora", action="store_true", help="score with the base model only (no adapter)")
     e.add_argument("--out", default="results.json")
     e.set_defaults(run=cmd_eval)
 

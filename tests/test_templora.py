@@ -187,3 +187,21 @@ def test_same_seed_same_text():
     a = generate_templora(tiny_model(), [7, 8, 9], 40, cfg, temperature=1.0, top_p=0.9, log=lambda s: None)
     b = generate_templora(tiny_model(), [7, 8, 9], 40, cfg, temperature=1.0, top_p=0.9, log=lambda s: None)
     assert a == b
+
+
+def test_base_only_eval_scores_the_same_as_the_base_column_of_a_full_eval():
+    model = tiny_model()
+    ids = torch.randint(0, 300, (90,)).tolist()
+    full = evaluate(model, ids, TempLoRAConfig(**SMALL))
+    base = evaluate(model, ids, TempLoRAConfig(**(SMALL | {"templora": False})))
+    assert base["ppl_templora"] is None and "nll_templora" not in base["chunks"][0]
+    assert [c["nll_base"] for c in base["chunks"]] == pytest.approx([c["nll_base"] for c in full["chunks"]], rel=1e-6)
+
+
+def test_a_longer_base_window_sees_more_context():
+    model = tiny_model()
+    ids = torch.randint(0, 300, (200,)).tolist()
+    short = evaluate(model, ids, TempLoRAConfig(**(SMALL | {"templora": False})))
+    long = evaluate(model, ids, TempLoRAConfig(**(SMALL | {"templora": False})), base_window=192)
+    assert long["recomputes"]["base"] < short["recomputes"]["base"]
+    assert long["config"]["base_window"] == 192
