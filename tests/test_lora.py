@@ -122,3 +122,17 @@ def test_invalid_rank_and_double_adapter_are_refused():
     add_lora(model, rank=2)
     with pytest.raises(ValueError, match="already has a LoRA adapter"):
         add_lora(model, rank=2)
+
+
+def test_adapter_dropout_is_inverted_dropout():
+    torch.manual_seed(0)
+    m = LoRALinear(torch.nn.Linear(8, 4, bias=False), rank=2, alpha=2, dropout=0.3)
+    torch.nn.init.normal_(m.lora_b)
+    x = torch.ones(100_000, 8)
+    with torch.no_grad():
+        delta_eval = (m(x) - m.base(x)).mean(0)
+        m.train()
+        delta_train = m(x) - m.base(x)
+    # one sample's delta comes from its kept inputs: compare the mean, which dropout must preserve
+    torch.testing.assert_close(delta_train.mean(0), delta_eval, rtol=0.02, atol=1e-3)
+    assert delta_train.std(0).min() > 0  # and it really is random per sample
