@@ -121,17 +121,18 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (bs, n_kv_heads, seqlen, head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        if cache_k is None:  # training / full-sequence path: plain causal attention
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
+        if cache_k is not None:
             end = start_pos + seqlen
             cache_k[:, :, start_pos:end] = k
             cache_v[:, :, start_pos:end] = v
             k, v = cache_k[:, :, :end], cache_v[:, :, :end]                              # (bs, n_kv_heads, end, head_dim)
-            if seqlen == 1:  # one new token sees every cached position: no mask needed
-                mask = None
-            else:  # query i (at position start_pos + i) sees keys 0 .. start_pos + i
-                mask = torch.ones(seqlen, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+        n_keys = k.shape[2]
+        if seqlen == 1:  # one new token sees every key: no mask
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        elif n_keys == seqlen:  # keys are exactly these tokens: is_causal lets the kernel skip the masked half
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:  # new tokens after cached ones: query i sees keys 0 .. (n_keys - seqlen) + i
+            mask = torch.ones(seqlen, n_keys, dtype=torch.bool, device=x.device).tril(diagonal=n_keys - seqlen)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim)  # (bs, seqlen, n_heads * head_dim)
         return self.wo(out)

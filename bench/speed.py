@@ -1,0 +1,469 @@
+"""Speed of templora against transformers (+ peft for the adapter), the stack of the official Temp-LoRA code:
+same model, dtype, tokens and thread count, in the same process; and against this machine's matmul peak.
+Dev dependencies (requirements-dev.txt).
+
+    python bench/speed.py [--model smollm2|llama1b|both] [--repeats 5] [--quick] [--out bench/results/speed.json]
+
+What is timed (each pair alternates ours / theirs, one warm-up each, then --repeats runs; medians):
+  prefill  a no-grad forward of --seq tokens that fills a KV cache, logits of the last position only
+           (what generation does first). Ours: model(ids, 0, KVCache, last=1). Theirs: model(ids,
+           logits_to_keep=1), its DynamicCache.
+  decode   greedy decoding, batch 1, --new-tokens tokens after a --prompt-tokens prompt, prefill included,
+           eos never stops either. Ours: model.generate with a KVCache. Theirs: model.generate(do_sample=False).
+  step     one Temp-LoRA adapter step on a --seq window (context + block, loss on the block only): forward,
+           backward, clip 1.0, AdamW; rank 64 on q,k,v,o,gate,up,down. Ours: train_block + make_optimizer.
+           Theirs: peft LoraConfig on LlamaForCausalLM, labels -100 on the context.
+  block    one Temp-LoRA eval block end to end: score base, score adapter, train --epochs steps. Ours: the
+           pieces of templora.py (score_block with a Window, lora_disabled, train_block). Theirs:
+           bench/templora_hf.py (disable_adapter(), full forwards of context + block, like the official code).
+  peak     large square torch.matmul in float32 and bfloat16: prefill and step are also reported as a
+           fraction of the peak of their dtype (model FLOPs, formulas in bench/flops.py);
+           and the read bandwidth of a large tensor sum, the limit of decoding (weight bytes per token).
+
+Models: the real SmolLM2-135M (--smollm2-dir) and a random checkpoint with Llama-3.2-1B's shapes, written
+once per run to a temporary directory with save_pretrained (bf16) and loaded by both from there.
+"""
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from flops import forward_flops, train_step_flops  # noqa: E402
+from load_llama import load_model, load_tokenizer, read_json  # noqa: E402
+from lora import add_lora, lora_disabled, remove_lora  # noqa: E402
+from model import KVCache, ModelArgs, generate  # noqa: E402
+from templora import Window, score_block  # noqa: E402
+from templora_hf import add_peft_lora, eval_block_hf, make_optimizer_hf, train_hf  # noqa: E402
+from train_block import make_optimizer, train_block  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_SMOLLM2 = Path("~/.cache/templora-assets/smollm2-135m-instruct").expanduser()
+DEFAULT_BOOK = HERE.parent.parent / "shared" / "data" / "pg19-templora40" / "349.txt"
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# ratio ours / theirs wanted for each benchmark; the adapter step on the 1B model should reach half the bf16 peak
+TARGETS = {"prefill": 1.0, "decode": 1.5, "step": 1.5, "block": 2.0}
+STEP_PEAK_TARGET = {"llama1b": 0.5}
+
+# Llama-3.2-1B's config.json, weights aside
+LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+                rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=128000,
+                eos_token_id=128001,
+                rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+
+
+# ----------------------------------------------------------------------------- FLOPs (model FLOPs: the useful work)
+#
+# The formulas, with their reasons, are in bench/flops.py: a forward is 2 FLOPs per weight per token for the
+# block linears, 2*d*V per logits row for the head, 4*n_heads*head_dim per (query, key) pair for attention,
+# 2*r*(in+out) per token per wrapped linear for LoRA; an adapter step is 2x(linears + head) + 3x(attention +
+# LoRA) of its forward (the frozen base needs input gradients only). The work of a task is counted once and
+# used for both implementations, so work one of them wastes (e.g. transformers' logits on context positions
+# that carry no loss) is not counted, and the two fractions of peak compare like the two speeds.
+
+def causal_pairs(T: int) -> int:
+    """(query, key) pairs of causal attention over T tokens: query i sees keys 0..i."""
+    return T * (T + 1) // 2
+
+
+def prefill_flops(a: ModelArgs, T: int) -> float:
+    """Forward of T tokens into an empty cache, logits of the last position only."""
+    return sum(forward_flops(a, T, causal_pairs(T), logits=1).values())
+
+
+def step_flops(a: ModelArgs, T: int, n_loss: int, rank: int) -> float:
+    """One adapter step on a T-token window with the loss (and so the head) on its last n_loss tokens."""
+    return train_step_flops(forward_flops(a, T, causal_pairs(T), logits=n_loss, lora_rank=rank))
+
+
+# ----------------------------------------------------------------------------- timing
+
+def timed(run, setup=None) -> tuple[float, object]:
+    """Seconds taken by run(setup()), setup excluded; garbage collected first so that a collection
+    triggered by the other implementation's garbage does not land inside this run."""
+    state = setup() if setup else None
+    gc.collect()
+    t = time.perf_counter()
+    out = run(state)
+    return time.perf_counter() - t, out
+
+
+def alternate(ours: tuple, theirs: tuple, repeats: int, log) -> dict:
+    """Time ours and theirs ((run, setup) pairs) in turns: one warm-up each (first-call allocations,
+    oneDNN kernel selection), then `repeats` rounds with the order swapped every round so that
+    drift (other load, clocks) falls on both alike."""
+    times = {"ours": [], "theirs": []}
+    outs = {}
+    pair = {"ours": ours, "theirs": theirs}
+    for name in ("ours", "theirs"):
+        secs, outs[name] = timed(*pair[name])
+        log(f"    warm-up {name}: {secs:.3f}s")
+    for r in range(repeats):
+        for name in (("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")):
+            secs, outs[name] = timed(*pair[name])
+            times[name].append(secs)
+        log(f"    round {r + 1}/{repeats}: ours {times['ours'][-1]:.3f}s  theirs {times['theirs'][-1]:.3f}s")
+    return {"ours_s": times["ours"], "theirs_s": times["theirs"],
+            "ours_median_s": statistics.median(times["ours"]),
+            "theirs_median_s": statistics.median(times["theirs"]), "outputs": outs}
+
+
+def matmul_peak(dtype: torch.dtype, n: int, repeats: int) -> dict:
+    """Best FLOP/s of (n, n) @ (n, n): the machine's practical limit for this dtype and thread count."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.matmul(a, b)  # warm-up
+    best = min(timed(lambda _: torch.matmul(a, b))[0] for _ in range(max(3, repeats)))
+    return {"n": n, "best_s": best, "flops_per_s": 2 * n ** 3 / best}
+
+
+def read_bandwidth(nbytes: int, repeats: int) -> dict:
+    """Best bytes/s of summing a large bf16 tensor: the limit of batch-1 decoding, which reads every
+    weight once per token and does little arithmetic on it (not one of the targets; context for decode)."""
+    x = torch.ones(nbytes // 2, dtype=torch.bfloat16)
+    x.sum()
+    best = min(timed(lambda _: x.sum())[0] for _ in range(max(3, repeats)))
+    return {"bytes": nbytes, "best_s": best, "bytes_per_s": nbytes / best}
+
+
+# ----------------------------------------------------------------------------- models
+
+def load_pair(name: str, a: argparse.Namespace, tmp: str, log):
+    """(ours, theirs, token ids, description) for one model, both loaded from the same directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    dtype = DTYPES[a.dtype]
+    n_ids = max(a.seq, a.prompt_tokens)
+    if name == "smollm2":
+        ckpt = Path(a.smollm2_dir)
+        tok = load_tokenizer(ckpt, read_json(ckpt / "config.json"))
+        text = Path(a.book).read_text(encoding="utf-8")[: 40 * n_ids]  # ~4 characters a token: plenty
+        ids = tok.encode(text, bos=True)[:n_ids]
+        if len(ids) < n_ids:
+            raise ValueError(f"{a.book}: only {len(ids)} tokens, {n_ids} needed")
+        what = f"SmolLM2-135M-Instruct ({ckpt}), tokens of {Path(a.book).name}"
+    else:
+        cfg = LlamaConfig(**(LLAMA_1B | {"num_hidden_layers": a.llama1b_layers}))
+        ckpt = Path(tmp) / "llama1b-random"
+        t = time.perf_counter()
+        torch.manual_seed(0)
+        # HF's own init (normal, std 0.02) in bf16; the values do not matter for speed
+        LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).save_pretrained(ckpt)
+        gc.collect()
+        log(f"  wrote a random Llama-3.2-1B-shaped checkpoint ({a.llama1b_layers} layers) "
+            f"in {time.perf_counter() - t:.0f}s")
+        ids = torch.randint(0, cfg.vocab_size, (n_ids,), generator=torch.Generator().manual_seed(0)).tolist()
+        what = f"random weights, Llama-3.2-1B shapes ({a.llama1b_layers} layers), random token ids"
+    ours = load_model(ckpt, dtype=dtype)
+    # left as transformers loads it, parameters requiring grad. Frozen, its lm_head on the sliced hidden state of
+    # logits_to_keep=1 goes through a bmm that copies the whole weight (torch 2.13: 3.2 s instead of 0.06 s for
+    # a Llama-1B-sized head); peft freezes it later, for the adapter benchmarks, whose logits are not sliced
+    theirs = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
+    return ours, theirs, ids, what
+
+
+# ----------------------------------------------------------------------------- the benchmarks
+
+def bench_prefill(ours, theirs, ids, a, log) -> dict:
+    tokens = torch.tensor([ids[: a.seq]])  # (1, seq)
+
+    def run_ours(cache):
+        with torch.no_grad():
+            return ours(tokens, 0, cache, last=1)
+
+    def run_theirs(_):
+        with torch.no_grad():
+            return theirs(tokens, use_cache=True, logits_to_keep=1).logits
+
+    # our cache is allocated once per window in real use, so outside the timed region;
+    # theirs (a DynamicCache) is built inside its forward, as it always is
+    r = alternate((run_ours, lambda: KVCache(ours.args, 1, a.seq, dtype=DTYPES[a.dtype])),
+                  (run_theirs, None), a.repeats, log)
+    lo, lt = r.pop("outputs").values()
+    r["max_abs_logit_diff"] = (lo.float() - lt.float()).abs().max().item()
+    r["tokens"] = a.seq
+    r["flops"] = prefill_flops(ours.args, a.seq)
+    return r
+
+
+def bench_decode(ours, theirs, ids, a, log) -> dict:
+    prompt = ids[: a.prompt_tokens]
+    n = a.new_tokens
+
+    def run_ours(cache):
+        return generate(ours, cache, prompt, 0, n)  # no stop ids: exactly n tokens
+
+    eos = theirs.generation_config.eos_token_id
+    theirs.generation_config.eos_token_id = None  # no eos stopping, and no logits processor changing the argmax
+
+    def run_theirs(_):
+        with torch.no_grad():
+            out = theirs.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=n)
+        return out[0, len(prompt):].tolist()
+
+    try:
+        r = alternate((run_ours, lambda: KVCache(ours.args, 1, len(prompt) + n, dtype=DTYPES[a.dtype])),
+                      (run_theirs, None), a.repeats, log)
+    finally:
+        theirs.generation_config.eos_token_id = eos
+    to, tt = r.pop("outputs").values()
+    if len(to) != n or len(tt) != n:
+        raise RuntimeError(f"decode produced {len(to)} (ours) and {len(tt)} (theirs) tokens, not {n}")
+    r["tokens"] = n
+    # each new token reads every weight once (the tied head reads the embedding matrix once more than
+    # the lookup, which reads one row): the bytes a decode step cannot avoid, KV cache aside. The fraction
+    # of bandwidth counts them for n tokens over the whole timed call, prompt prefill included (an underestimate)
+    r["bytes_per_token"] = sum({p.data_ptr(): p.numel() * p.element_size() for p in ours.parameters()}.values())
+    r["same_tokens"] = to == tt
+    r["first_difference"] = next((i for i, (x, y) in enumerate(zip(to, tt)) if x != y), None)
+    return r
+
+
+def bench_step(ours, peft_model, ids, a, log) -> dict:
+    context, block = ids[: a.context], ids[a.context: a.seq]
+    opt_ours, opt_theirs = make_optimizer(ours, a.lr), make_optimizer_hf(peft_model, a.lr)
+    def run_ours(_):
+        return train_block(ours, opt_ours, context, block, a.lr, epochs=1)
+
+    def run_theirs(_):
+        return train_hf(peft_model, opt_theirs, ids, a.context, a.seq, a.context, a.lr, epochs=1)
+
+    r = alternate((run_ours, None), (run_theirs, None), a.repeats, log)
+    lo, lt = r.pop("outputs").values()
+    r["loss_last"] = {"ours": lo[-1], "theirs": lt[-1]}
+    r["tokens"] = a.seq
+    r["flops"] = step_flops(ours.args, a.seq, a.seq - a.context, a.rank)
+    return r
+
+
+def bench_block(ours, peft_model, ids, a, log) -> dict:
+    """The window is context + block and starts empty, so our scoring is a forward of the context and the
+    block, the same work as the official full forward (in the eval loop with W = L_T + Δ and L_x = L_T every
+    block is such a recompute; a larger W lets ours reuse the cache and do less)."""
+    start, end = a.context, a.seq
+    opt_ours, opt_theirs = make_optimizer(ours, a.lr), make_optimizer_hf(peft_model, a.lr)
+
+    def run_ours(windows):
+        base_win, lora_win = windows
+        with lora_disabled(ours):
+            nll_base = score_block(ours, base_win, ids, start, end)
+        nll_templora = score_block(ours, lora_win, ids, start, end)
+        losses = train_block(ours, opt_ours, ids[start - a.context: start], ids[start:end], a.lr, a.epochs)
+        return {"nll_base": nll_base, "nll_templora": nll_templora, "train_loss": losses}
+
+    def run_theirs(_):
+        return eval_block_hf(peft_model, opt_theirs, ids, start, end, a.context, a.lr, a.epochs)
+
+    r = alternate((run_ours, lambda: (Window(ours, a.seq, a.context), Window(ours, a.seq, a.context))),
+                  (run_theirs, None), a.repeats, log)
+    lo, lt = r.pop("outputs").values()
+    n = end - start
+    # the base scores of the two must agree (same weights, same tokens); the adapters differ (random init, dropout)
+    r["base_nll_per_token"] = {"ours": lo["nll_base"] / n, "theirs": lt["nll_base"] / n}
+    r["tokens"] = n
+    return r
+
+
+def run_model(name: str, a: argparse.Namespace, peaks: dict, log) -> dict:
+    with tempfile.TemporaryDirectory(prefix="templora-bench-") as tmp:
+        t = time.perf_counter()
+        ours, theirs, ids, what = load_pair(name, a, tmp, log)
+    log(f"  loaded both in {time.perf_counter() - t:.0f}s: {what}")
+    out = {"model": what, "args": asdict(ours.args)}
+    if "prefill" in a.bench:
+        log(f"  prefill {a.seq} tokens")
+        out["prefill"] = bench_prefill(ours, theirs, ids, a, log)
+    if "decode" in a.bench:
+        log(f"  decode {a.new_tokens} tokens after {a.prompt_tokens}")
+        out["decode"] = bench_decode(ours, theirs, ids, a, log)
+    if "step" in a.bench or "block" in a.bench:
+        torch.manual_seed(0)
+        add_lora(ours, a.rank, a.alpha, a.dropout)
+        peft_model = add_peft_lora(theirs, a.rank, a.alpha, a.dropout)
+        try:
+            if "step" in a.bench:
+                log(f"  adapter step on {a.context} + {a.seq - a.context} tokens")
+                out["step"] = bench_step(ours, peft_model, ids, a, log)
+            if "block" in a.bench:
+                log(f"  eval block: {a.context} context + {a.seq - a.context} block tokens, {a.epochs} epochs")
+                out["block"] = bench_block(ours, peft_model, ids, a, log)
+        finally:
+            remove_lora(ours)
+            peft_model.unload()
+    for key, r in out.items():
+        if isinstance(r, dict) and "ours_median_s" in r:
+            r["ours_tokens_per_s"] = r["tokens"] / r["ours_median_s"]
+            r["theirs_tokens_per_s"] = r["tokens"] / r["theirs_median_s"]
+            r["ratio"] = r["theirs_median_s"] / r["ours_median_s"]  # > 1: ours is faster
+            if "flops" in r and a.dtype in peaks:
+                peak = peaks[a.dtype]["flops_per_s"]
+                r["ours_fraction_of_peak"] = r["flops"] / r["ours_median_s"] / peak
+                r["theirs_fraction_of_peak"] = r["flops"] / r["theirs_median_s"] / peak
+            if "bytes_per_token" in r and "memory_read" in peaks:
+                for who in ("ours", "theirs"):
+                    r[f"{who}_memory_read_fraction"] = (r["tokens"] * r["bytes_per_token"] / r[f"{who}_median_s"]
+                                                        / peaks["memory_read"]["bytes_per_s"])
+    del ours, theirs
+    gc.collect()
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+def table(name: str, r: dict, a: argparse.Namespace) -> str:
+    rows = ["| benchmark | ours | transformers(+peft) | ratio | target | met? |", "|---|---|---|---|---|---|"]
+    labels = {"prefill": f"prefill {a.seq} tok, tok/s", "decode": f"decode {a.new_tokens} tok, batch 1, tok/s",
+              "step": f"adapter step {a.seq} tok (r={a.rank}), tok/s",
+              "block": f"eval block end to end ({a.seq - a.context} scored tok), tok/s"}
+    for key, label in labels.items():
+        if key in r:
+            x = r[key]
+            met = "yes" if x["ratio"] >= TARGETS[key] else "no"
+            rows.append(f"| {label} | {x['ours_tokens_per_s']:.1f} | {x['theirs_tokens_per_s']:.1f} | "
+                        f"{x['ratio']:.2f}x | ≥{TARGETS[key]:.1f}x | {met} |")
+    if "decode" in r and "ours_memory_read_fraction" in r["decode"]:
+        x = r["decode"]
+        rows.append(f"| decode, weight bytes/s as % of memory read bandwidth | "
+                    f"{100 * x['ours_memory_read_fraction']:.1f}% | "
+                    f"{100 * x['theirs_memory_read_fraction']:.1f}% | | | |")
+    for key in ("prefill", "step"):
+        if key in r and "ours_fraction_of_peak" in r[key]:
+            x = r[key]
+            target, met = STEP_PEAK_TARGET.get(name) if key == "step" else None, ""
+            if target is not None and a.dtype == "bfloat16":
+                met = "yes" if x["ours_fraction_of_peak"] >= target else "no"
+                target = f"≥{100 * target:.0f}%"
+            else:
+                target = ""
+            gflops = {w: x["flops"] / x[f"{w}_median_s"] / 1e9 for w in ("ours", "theirs")}
+            rows.append(f"| {key}, model FLOP/s as % of {a.dtype} matmul peak | "
+                        f"{100 * x['ours_fraction_of_peak']:.1f}% ({gflops['ours']:.0f} GFLOP/s) | "
+                        f"{100 * x['theirs_fraction_of_peak']:.1f}% ({gflops['theirs']:.0f} GFLOP/s) | "
+                        f"| {target} | {met} |")
+    return "\n".join(rows)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["smollm2", "llama1b", "both"], default=None,
+                   help="default: both (--quick: smollm2)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per benchmark (default 5, --quick 2)")
+    p.add_argument("--quick", action="store_true", help="smollm2, short sequences, 2 rounds: about 2 minutes")
+    p.add_argument("--out", default=str(HERE / "results" / "speed.json"))
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
+                   help="base weights; both store the adapter in float32 (ours multiplies it in this dtype, "
+                        "peft in float32)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads, the same for both")
+    p.add_argument("--bench", default="peak,prefill,decode,step,block", help="comma-separated subset")
+    p.add_argument("--seq", type=int, default=None,
+                   help="prefill length and adapter window (default 2048, --quick 512)")
+    p.add_argument("--context", type=int, default=None, help="context part of the window (default --seq / 2)")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="decode prompt length")
+    p.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (default 256, --quick 64)")
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--alpha", type=float, default=64.0)
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--epochs", type=int, default=2, help="adapter steps per eval block")
+    p.add_argument("--peak-size", type=int, default=None, help="matmul size for the peak (default 4096, --quick 2048)")
+    p.add_argument("--bandwidth-mib", type=int, default=None,
+                   help="tensor read for the bandwidth (default 2048, --quick 512)")
+    p.add_argument("--smollm2-dir", default=str(DEFAULT_SMOLLM2))
+    p.add_argument("--book", default=str(DEFAULT_BOOK), help="text whose tokens feed SmolLM2")
+    p.add_argument("--llama1b-layers", type=int, default=16, help="fewer layers for a fast check of the 1B shapes")
+    a = p.parse_args(argv)
+    quick = a.quick
+    a.model = a.model or ("smollm2" if quick else "both")
+    a.repeats = a.repeats or (2 if quick else 5)
+    a.seq = a.seq or (512 if quick else 2048)
+    a.context = a.seq // 2 if a.context is None else a.context
+    a.new_tokens = a.new_tokens or (64 if quick else 256)
+    a.peak_size = a.peak_size or (2048 if quick else 4096)
+    a.bandwidth_mib = a.bandwidth_mib or (512 if quick else 2048)
+    a.bench = [b.strip() for b in a.bench.split(",") if b.strip()]
+    unknown = set(a.bench) - {"peak", "prefill", "decode", "step", "block"}
+    if unknown:
+        p.error(f"unknown --bench {sorted(unknown)}")
+    if not 0 < a.context < a.seq:
+        p.error(f"--context ({a.context}) must be between 0 and --seq ({a.seq})")
+    return a
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    import peft
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from inside peft/transformers
+    torch.set_num_threads(a.threads)
+
+    def log(s):
+        print(s, file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    result = {"machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                          "transformers": transformers.__version__, "peft": peft.__version__,
+                          "bf16_matmul_supported": torch.ops.mkldnn._is_mkldnn_bf16_supported()},
+              "config": {k: v for k, v in vars(a).items()}, "peak": {}, "models": {}}
+    if "peak" in a.bench:
+        for dt in ("float32", "bfloat16"):
+            result["peak"][dt] = matmul_peak(DTYPES[dt], a.peak_size, a.repeats)
+            log(f"matmul peak {dt}: {result['peak'][dt]['flops_per_s'] / 1e9:.0f} GFLOP/s (n={a.peak_size})")
+        result["peak"]["memory_read"] = read_bandwidth(a.bandwidth_mib << 20, a.repeats)
+        log(f"memory read: {result['peak']['memory_read']['bytes_per_s'] / 2**30:.1f} GiB/s")
+    for name in (["smollm2", "llama1b"] if a.model == "both" else [a.model]):
+        log(f"== {name}")
+        result["models"][name] = run_model(name, a, result["peak"], log)
+    result["total_s"] = time.perf_counter() - t0
+
+    print(f"# templora vs transformers(+peft): {a.dtype}, {a.threads} threads, {a.repeats} rounds, medians; "
+          f"{result['machine']['cpu']}")
+    if result["peak"]:
+        peaks = ", ".join(f"{dt} {result['peak'][dt]['flops_per_s'] / 1e9:.0f} GFLOP/s" for dt in DTYPES)
+        read = result["peak"]["memory_read"]["bytes_per_s"] / 2 ** 30
+        print(f"matmul peak: {peaks} (n={a.peak_size}); memory read {read:.1f} GiB/s")
+    for name, r in result["models"].items():
+        print(f"\n## {name}: {r['model']}\n")
+        print(table(name, r, a))
+        notes = []
+        if "prefill" in r:
+            notes.append(f"prefill max |Δlogit| {r['prefill']['max_abs_logit_diff']:.2e}")
+        if "decode" in r:
+            d = r["decode"]
+            notes.append("decode tokens identical" if d["same_tokens"]
+                         else f"decode tokens differ from #{d['first_difference']}")
+        if "block" in r:
+            b = r["block"]["base_nll_per_token"]
+            notes.append(f"block base NLL/token ours {b['ours']:.4f} theirs {b['theirs']:.4f}")
+        if notes:
+            print("\n" + "; ".join(notes))
+    print(f"\ntotal {result['total_s']:.0f}s")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(f"-> {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
