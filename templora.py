@@ -133,18 +133,16 @@ def generate_templora(model: Transformer, prompt: list[int], max_new_tokens: int
             window.length += len(pending) + len(new) - 1  # the last new token is the next call's pending
             text += new
             log(f"[block {block}] generate: {len(new)} tokens (cache holds {window.length})")
-            if not cfg.templora:
-                block += 1
-            else:
+            if cfg.templora:
                 # 2. train the adapter on the new block, with the L_T tokens before it as context
                 context = text[max(0, len(text) - len(new) - cfg.context): len(text) - len(new)]
                 losses = train_block(model, optimizer, context, new, lr_at(block, cfg), cfg.epochs)
                 log(f"[block {block}] train: {len(context)} context + {len(new)} block tokens, "
                     f"loss {' -> '.join(f'{x:.3f}' for x in losses)}")
-                block += 1
                 # 3. reuse the cache: old K/V stay as older adapters computed them (unless asked not to)
                 if not cfg.cache_reuse:
                     window.invalidate()
+            block += 1
             if stop_ids and new[-1] in stop_ids:
                 break
     finally:

@@ -1,4 +1,6 @@
-"""Shared helpers: tiny random Llama checkpoints written by transformers in the official layout."""
+"""Shared helpers: tiny random models, checkpoints written by transformers in the official layout, checksums."""
+import hashlib
+
 import pytest
 import torch
 
@@ -34,3 +36,9 @@ def write_hf_checkpoint(path, seed: int = 0, shard: bool = True, **config) -> "L
                 p.normal_(0.0, 0.05)
     hf.to(torch.bfloat16).save_pretrained(path, max_shard_size="100KB" if shard else "10GB")
     return hf
+
+
+def checksums(model) -> dict[str, str]:
+    """sha256 of every tensor's bytes: equal checksums mean bit-identical weights."""
+    return {n: hashlib.sha256(p.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+            for n, p in model.state_dict().items()}

@@ -1,18 +1,13 @@
 """lora.py and train_block.py: identity at init, a base model that never changes, the loss, the gradients."""
-import hashlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_model
+from conftest import checksums, tiny_model
 from lora import LoRALinear, add_lora, lora_parameters, remove_lora, reset_lora
 from train_block import block_loss, make_optimizer, train_block
 
-
-def checksums(model) -> dict[str, str]:
-    return {n: hashlib.sha256(p.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-            for n, p in model.state_dict().items()}
 
 
 def test_fresh_adapter_leaves_logits_bit_identical():

@@ -1,5 +1,4 @@
 """templora.py: the cache policy (reuse, recompute), the effect itself, the eval numbers, robustness."""
-import hashlib
 import math
 import re
 
@@ -7,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_model
+from conftest import checksums, tiny_model
 from lora import LoRALinear, add_lora
 from model import KVCache
 from templora import TempLoRAConfig, Window, check_config, evaluate, generate_templora, score_block
@@ -15,10 +14,6 @@ from train_block import make_optimizer, train_block
 
 SMALL = dict(delta=16, context=32, window=48, keep=24, rank=8, alpha=16, dropout=0.0, lr=1e-2, epochs=2)
 
-
-def checksums(model):
-    return {n: hashlib.sha256(p.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-            for n, p in model.state_dict().items()}
 
 
 def test_reused_cache_equals_stale_keys_for_old_tokens_and_new_adapter_for_new_ones():
