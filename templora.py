@@ -2,7 +2,7 @@
 on the text so far, block by block, so distant context lives in the adapter's weights instead of the
 KV cache. At the end the adapter is discarded: the base model is exactly what was loaded.
 
-    python templora.py demo                                         # the mechanics, offline, ~1 minute
+    python templora.py demo                                         # the mechanics, offline, < 1 minute
     python templora.py generate --model DIR --prompt-file F --max-new-tokens 2048
     python templora.py eval --model DIR --text BOOK.txt --out results.json
 """
@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="results.json")
     e.set_defaults(run=cmd_eval)
 
-    m = sub.add_parser("demo", help="the whole loop on a tiny random model, offline (~1 minute)")
+    m = sub.add_parser("demo", help="the whole loop on a tiny random model, offline (< 1 minute)")
     m.set_defaults(run=lambda a: demo())
     return p
 
