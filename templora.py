@@ -277,7 +277,8 @@ def read_text(path: str, what: str) -> str:
 def load(a: argparse.Namespace):
     from load_llama import load_llama
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
-    torch.set_num_threads(a.threads) if a.threads else None
+    if a.threads:
+        torch.set_num_threads(a.threads)
     return load_llama(a.model, a.device, dtype)
 
 
