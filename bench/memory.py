@@ -57,11 +57,12 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", default="8192,32768,131072", help="comma-separated N (eval --max-tokens)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--delta", type=int, default=512)
-    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--delta", type=int, default=1024)
+    p.add_argument("--context", type=int, default=512)
     p.add_argument("--window", type=int, default=2048)
     p.add_argument("--keep", type=int, default=1024)
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", default="3e-4", help="as in bench/replicate.py (memory does not depend on it)")
     p.add_argument("--base-window", type=int, default=8192, help="W of the base-only runs")
     p.add_argument("--base-keep", type=int, default=None, help="L_x of the base-only runs (default W/2)")
     p.add_argument("--skip", default="", help="comma-separated runs to leave out: load, templora, base")
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
         for n in sizes:
             variants = {
                 "templora": ["--context", str(a.context), "--window", str(a.window), "--keep", str(a.keep),
-                             "--epochs", str(a.epochs)],
+                             "--epochs", str(a.epochs), "--lr", a.lr],
                 "base": ["--no-templora", "--window", str(a.base_window), "--keep", str(base_keep)],
             }
             for kind, flags in variants.items():
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
 
     print(f"# peak RSS of `templora.py eval` ({Path(a.model).name}, {a.dtype}, {a.threads} threads, "
           f"{Path(a.text).name})\n")
-    print(f"templora: Δ={a.delta} L_T={a.context} W={a.window} L_x={a.keep}, {a.epochs} epochs; "
+    print(f"templora: Δ={a.delta} L_T={a.context} W={a.window} L_x={a.keep}, {a.epochs} epochs, lr {a.lr}; "
           f"base: --no-templora W={a.base_window} L_x={base_keep}\n")
     print("| run | tokens | peak RSS MiB | wall s | ppl base | ppl templora |")
     print("|---|---|---|---|---|---|")
