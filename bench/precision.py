@@ -1,0 +1,81 @@
+"""Is the fast bf16 path good enough? Temp-LoRA perplexity on a real book, bf16 base vs fp32 everything.
+
+    python bench/precision.py [--model DIR] [--text BOOK] [--tokens 8192] [--out bench/results/precision.json]
+
+Runs the same `templora.evaluate` twice on the same token ids, same seed, same knobs (bench/replicate.py's):
+  float32   base weights, activations, adapter and AdamW state all fp32 (the reference)
+  bfloat16  base weights and activations bf16; the adapter and its AdamW state stay fp32 (lora.py stores
+            them in fp32 and multiplies in the activations' dtype), the CLI's --dtype bfloat16
+and reports both perplexities and the relative difference of Temp-LoRA's, against the 1% bound of issue 5.
+"""
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from load_llama import load_llama  # noqa: E402
+from templora import TempLoRAConfig, check_config, evaluate, progress_bar  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(Path("~/.cache/templora-assets/smollm2-135m-instruct").expanduser()))
+    p.add_argument("--text", default=str(REPO.parent / "shared/data/pg19-templora40/349.txt"))
+    p.add_argument("--tokens", type=int, default=8192, help="scored tokens (the text is cut to tokens + 1)")
+    p.add_argument("--delta", type=int, default=1024)
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--window", type=int, default=2048)
+    p.add_argument("--keep", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bound", type=float, default=1.0, help="allowed |ppl_bf16 / ppl_fp32 - 1| in percent")
+    p.add_argument("--out", default=str(REPO / "bench/results/precision.json"))
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    cfg = TempLoRAConfig(delta=a.delta, context=a.context, window=a.window, keep=a.keep, lr=a.lr)
+
+    runs = {}
+    for name, dtype in DTYPES.items():
+        model, tok = load_llama(a.model, dtype=dtype)
+        check_config(cfg, model)
+        ids = tok.encode(Path(a.text).read_text(encoding="utf-8"), bos=tok.bos_id is not None)[: a.tokens + 1]
+        print(f"{name}: {len(ids) - 1} scored tokens", file=sys.stderr)
+        t = time.perf_counter()
+        r = evaluate(model, ids, cfg, progress=progress_bar)
+        seconds = time.perf_counter() - t
+        print(file=sys.stderr)
+        runs[name] = {"ppl_base": r["ppl_base"], "ppl_templora": r["ppl_templora"], "wall_s": seconds,
+                      "tokens_per_s": r["scored_tokens"] / seconds, "skipped_updates": r["skipped_updates"],
+                      "train_loss_last": r["chunks"][-1]["train_loss"][-1]}
+        del model
+
+    f32, b16 = runs["float32"], runs["bfloat16"]
+    diff = {k: 100 * (b16[k] / f32[k] - 1) for k in ("ppl_base", "ppl_templora")}
+    ok = abs(diff["ppl_templora"]) <= a.bound
+    print(f"# bf16 vs fp32 ({Path(a.model).name}, {Path(a.text).name}, {a.tokens} scored tokens, "
+          f"Δ={a.delta} L_T={a.context} W={a.window} L_x={a.keep} lr {a.lr:g}, {a.threads} threads)\n")
+    print("| dtype | ppl base | ppl Temp-LoRA | Temp-LoRA vs base | wall s | tokens/s |")
+    print("|---|---|---|---|---|---|")
+    for name, r in runs.items():
+        print(f"| {name} | {r['ppl_base']:.4f} | {r['ppl_templora']:.4f} | "
+              f"{100 * (r['ppl_templora'] / r['ppl_base'] - 1):+.2f}% | {r['wall_s']:.0f} | {r['tokens_per_s']:.1f} |")
+    print(f"\nbf16 vs fp32: base ppl {diff['ppl_base']:+.3f}%, Temp-LoRA ppl {diff['ppl_templora']:+.3f}% "
+          f"({'within' if ok else 'OUTSIDE'} the ±{a.bound:g}% bound); bf16 is "
+          f"{f32['wall_s'] / b16['wall_s']:.2f}x faster end to end")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"config": vars(a) | {"templora": asdict(cfg)}, "runs": runs,
+                                       "relative_diff_percent": diff, "within_bound": ok}, indent=1) + "\n")
+    print(f"-> {a.out}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
