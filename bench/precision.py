@@ -20,7 +20,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from load_llama import load_llama  # noqa: E402
-from templora import TempLoRAConfig, check_config, evaluate, progress_bar  # noqa: E402
+from templora import TempLoRAConfig, evaluate, progress_bar  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -45,7 +45,6 @@ def main(argv=None) -> int:
     runs = {}
     for name, dtype in DTYPES.items():
         model, tok = load_llama(a.model, dtype=dtype)
-        check_config(cfg, model)
         ids = tok.encode(Path(a.text).read_text(encoding="utf-8"), bos=tok.bos_id is not None)[: a.tokens + 1]
         print(f"{name}: {len(ids) - 1} scored tokens", file=sys.stderr)
         t = time.perf_counter()
