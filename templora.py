@@ -21,6 +21,9 @@ from lora import add_lora, lora_disabled, remove_lora
 from model import KVCache, Transformer, generate
 from train_block import make_optimizer, train_block
 
+# --dtype of the CLI (and the benchmarks): the base model's dtype; the adapter is always stored in fp32
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 
 @dataclass
 class TempLoRAConfig:
@@ -276,10 +279,9 @@ def read_text(path: str, what: str) -> str:
 
 def load(a: argparse.Namespace):
     from load_llama import load_llama
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
     if a.threads:
         torch.set_num_threads(a.threads)
-    return load_llama(a.model, a.device, dtype)
+    return load_llama(a.model, a.device, DTYPES[a.dtype])
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
@@ -368,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp, delta, context, window, keep):
         sp.add_argument("--model", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer)")
         sp.add_argument("--device", default="cpu")
-        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+        sp.add_argument("--dtype", default="float32", choices=list(DTYPES))
         sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
         sp.add_argument("--delta", type=int, default=delta, help="Δ: tokens per block")
         sp.add_argument("--context", type=int, default=context, help="L_T: context tokens seen by each training step")

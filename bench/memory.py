@@ -28,8 +28,9 @@ LOAD_ONLY = """
 import sys, torch
 sys.path.insert(0, {root!r})
 from load_llama import load_llama
+from templora import DTYPES
 torch.set_num_threads({threads})
-model, tok = load_llama({model!r}, dtype={{"float32": torch.float32, "bfloat16": torch.bfloat16}}[{dtype!r}])
+model, tok = load_llama({model!r}, dtype=DTYPES[{dtype!r}])
 ids = tok.encode(open({text!r}, encoding="utf-8").read(), bos=tok.bos_id is not None)
 print(len(ids), "tokens")
 """

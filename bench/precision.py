@@ -20,9 +20,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from load_llama import load_llama  # noqa: E402
-from templora import TempLoRAConfig, evaluate, progress_bar  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from templora import DTYPES, TempLoRAConfig, evaluate, progress_bar  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 from flops import FlopCounter  # noqa: E402
 from load_llama import load_llama  # noqa: E402
-from templora import TempLoRAConfig, check_config, evaluate, progress_bar  # noqa: E402
+from templora import DTYPES, TempLoRAConfig, check_config, evaluate, progress_bar  # noqa: E402
 
 COMMAND = "python bench/replicate.py " + shlex.join(sys.argv[1:])
 BUCKETS = [(0, 4096, "0-4K"), (4096, 8192, "4-8K"), (8192, 16384, "8-16K"), (16384, 32768, "16-32K"),
@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--out", default=str(REPO / "bench/results"))
     p.add_argument("--force", action="store_true", help="redo runs whose JSON already exists")
@@ -153,7 +153,7 @@ def compute(a: argparse.Namespace, todo: list[Run], label: str, results: dict) -
     out = Path(a.out)
     if a.threads:
         torch.set_num_threads(a.threads)
-    model, tok = load_llama(a.model, a.device, {"bfloat16": torch.bfloat16, "float32": torch.float32}[a.dtype])
+    model, tok = load_llama(a.model, a.device, DTYPES[a.dtype])
     ids_of = {}
     for run in todo:  # every check before the first hour of compute, not after it
         check_config(run.cfg, model)

@@ -44,14 +44,13 @@ from flops import forward_flops, train_step_flops  # noqa: E402
 from load_llama import load_model, load_tokenizer, read_json  # noqa: E402
 from lora import add_lora, lora_disabled, remove_lora  # noqa: E402
 from model import KVCache, ModelArgs, generate  # noqa: E402
-from templora import Window, score_block  # noqa: E402
+from templora import DTYPES, Window, score_block  # noqa: E402
 from templora_hf import add_peft_lora, eval_block_hf, make_optimizer_hf, train_hf  # noqa: E402
 from train_block import make_optimizer, train_block  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_SMOLLM2 = Path("~/.cache/templora-assets/smollm2-135m-instruct").expanduser()
 DEFAULT_BOOK = HERE.parent.parent / "shared" / "data" / "pg19-templora40" / "349.txt"
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # ratio ours / theirs wanted for each benchmark; the adapter step on the 1B model should reach half the bf16 peak
 TARGETS = {"prefill": 1.0, "decode": 1.5, "step": 1.5, "block": 2.0}
 STEP_PEAK_TARGET = {"llama1b": 0.5}
