@@ -1,4 +1,6 @@
-"""Shared helpers: tiny random models, checkpoints written by transformers in the official layout, checksums."""
+"""Shared helpers: tiny random models, checkpoints written by transformers in the official layout, checksums;
+fixtures: a tiny checkpoint with a byte-level Meta tokenizer and a short text, for the CLI and the benchmarks."""
+import base64
 import hashlib
 
 import pytest
@@ -8,6 +10,11 @@ from model import ModelArgs, Transformer
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=300,
             norm_eps=1e-5, rope_theta=10000.0, max_seq_len=256)
+
+# the checkpoint of the `ckpt` fixture (Hugging Face config.json names)
+CKPT_CONFIG = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256, rope_theta=10000.0,
+                   bos_token_id=256, eos_token_id=257)
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
@@ -42,3 +49,20 @@ def checksums(model) -> dict[str, str]:
     """sha256 of every tensor's bytes: equal checksums mean bit-identical weights."""
     return {n: hashlib.sha256(p.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
             for n, p in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A random Llama whose tokenizer is Meta's format with one token per byte (+ 256 specials = 512)."""
+    path = tmp_path_factory.mktemp("ckpt")
+    write_hf_checkpoint(path, shard=False, **CKPT_CONFIG)
+    lines = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256)]
+    (path / "tokenizer.model").write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def book(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "book.txt"
+    path.write_text("It was the best of times, it was the worst of times. " * 4)  # 212 bytes
+    return path

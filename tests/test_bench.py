@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import book, ckpt  # noqa: F401  (fixtures: a tiny Meta-format checkpoint and a text)
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 TINY = ["--delta", "32", "--context", "32", "--window", "96", "--keep", "32"]
@@ -22,7 +21,7 @@ def load_bench(name: str):
     return module
 
 
-def test_precision_compares_fp32_and_bf16(ckpt, book, tmp_path, capsys):  # noqa: F811
+def test_precision_compares_fp32_and_bf16(ckpt, book, tmp_path, capsys):
     out = tmp_path / "precision.json"
     rc = load_bench("precision").main(["--model", str(ckpt), "--text", str(book), "--tokens", "100",
                                        "--threads", "1", "--out", str(out), *TINY])
@@ -36,7 +35,7 @@ def test_precision_compares_fp32_and_bf16(ckpt, book, tmp_path, capsys):  # noqa
     assert "bf16 vs fp32" in capsys.readouterr().out
 
 
-def test_memory_reports_a_peak_per_run(ckpt, book, tmp_path):  # noqa: F811
+def test_memory_reports_a_peak_per_run(ckpt, book, tmp_path):
     out = tmp_path / "memory.json"
     memory = load_bench("memory")
     rc = memory.main(["--model", str(ckpt), "--text", str(book), "--tokens", "128", "--threads", "1",

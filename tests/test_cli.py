@@ -1,34 +1,12 @@
 """templora.py's command line on a tiny checkpoint: the eval JSON, generate, and clean errors."""
-import base64
 import json
 import math
 
 import pytest
 
-from conftest import write_hf_checkpoint
 from templora import main
 
-CONFIG = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256, rope_theta=10000.0,
-              bos_token_id=256, eos_token_id=257)
 KNOBS = ["--delta", "32", "--context", "32", "--window", "96", "--keep", "32", "--rank", "4", "--lr", "1e-3", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A random Llama whose tokenizer is Meta's format with one token per byte (+ 256 specials = 512)."""
-    path = tmp_path_factory.mktemp("ckpt")
-    write_hf_checkpoint(path, shard=False, **CONFIG)
-    lines = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256)]
-    (path / "tokenizer.model").write_text("\n".join(lines) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def book(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "book.txt"
-    path.write_text("It was the best of times, it was the worst of times. " * 4)  # 212 bytes
-    return path
 
 
 def test_eval_writes_the_documented_json(ckpt, book, tmp_path, capsys):

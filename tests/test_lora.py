@@ -9,7 +9,6 @@ from lora import LoRALinear, add_lora, lora_parameters, remove_lora, reset_lora
 from train_block import block_loss, make_optimizer, train_block
 
 
-
 def test_fresh_adapter_leaves_logits_bit_identical():
     model = tiny_model()
     tokens = torch.randint(0, 300, (2, 33))

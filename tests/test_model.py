@@ -1,5 +1,4 @@
 """model.py + load_llama.py against the official implementation (transformers), and the KV cache."""
-import json
 
 import pytest
 import torch

@@ -15,7 +15,6 @@ from train_block import make_optimizer, train_block
 SMALL = dict(delta=16, context=32, window=48, keep=24, rank=8, alpha=16, dropout=0.0, lr=1e-2, epochs=2)
 
 
-
 def test_reused_cache_equals_stale_keys_for_old_tokens_and_new_adapter_for_new_ones():
     """Reference without any cache: one full forward in which each LoRA applies the adapter that was
     current when that position was encoded (old adapter before n_old, new one after)."""
