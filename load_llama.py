@@ -9,13 +9,14 @@ CheckpointError with a message that names the file, key or setting at fault.
 import base64
 import json
 import re
+from dataclasses import fields, replace
 from pathlib import Path
 
 import tiktoken
 import torch
 from safetensors import SafetensorError, safe_open
 
-from model import ModelArgs, Transformer
+from model import ROPE_TYPES, ModelArgs, Transformer
 
 
 class CheckpointError(ValueError):
@@ -272,14 +273,15 @@ def args_from_config(config: dict, source: str = "config.json") -> ModelArgs:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "default":
         rope_scaling = None
-    elif rope_type == "llama3":
-        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    elif rope_type in ROPE_TYPES:
+        keys = ROPE_TYPES[rope_type][0]
         missing = [k for k in keys if k not in rope]
         if missing:
-            raise CheckpointError(f"{source}: rope_scaling of type 'llama3' lacks {missing}")
-        rope_scaling = {"rope_type": "llama3", **{k: rope[k] for k in keys}}
+            raise CheckpointError(f"{source}: rope_scaling of type {rope_type!r} lacks {missing}")
+        rope_scaling = {"rope_type": rope_type, **{k: rope[k] for k in keys}}
     else:
-        raise CheckpointError(f"{source}: unknown rope_type {rope_type!r} (supported: 'default', 'llama3')")
+        raise CheckpointError(f"{source}: unknown rope_type {rope_type!r} "
+                              f"(supported: 'default', {', '.join(map(repr, ROPE_TYPES))})")
 
     n_heads = need("num_attention_heads")
     return ModelArgs(
@@ -386,12 +388,20 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def load_model(path, device="cpu", dtype: torch.dtype = torch.bfloat16) -> Transformer:
-    """config.json + safetensors weights -> a frozen Transformer in `dtype` on `device`."""
+def load_model(path, device="cpu", dtype: torch.dtype = torch.bfloat16, changes: dict | None = None) -> Transformer:
+    """config.json + safetensors weights -> a frozen Transformer in `dtype` on `device`.
+
+    `changes` replaces ModelArgs fields after config.json is read, for a model that differs from the
+    checkpoint in ways its weights do not fix: e.g. {"max_seq_len": 16384, "rope_scaling": {...}} to
+    stretch the window. Every weight must still fit the changed shapes."""
     ckpt = Path(path)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: checkpoint directory not found")
     args = args_from_config(read_json(ckpt / "config.json"), str(ckpt / "config.json"))
+    unknown = set(changes or {}) - {f.name for f in fields(ModelArgs)}
+    if unknown:
+        raise ValueError(f"changes: {sorted(unknown)} are not ModelArgs fields")
+    args = replace(args, **(changes or {}))
     files = safetensors_files(ckpt)
     with torch.device("meta"):
         model = Transformer(args).to(dtype)  # shapes and dtypes only: no memory, no random init

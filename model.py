@@ -44,39 +44,49 @@ class RMSNorm(nn.Module):
 
 # ----------------------------------------------------------------------------- RoPE
 
-def llama3_rope_factors(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
-    """Per-frequency divisors of Llama 3.1's "llama3" scaling: long wavelengths (beyond the original
-    context) are slowed down by `factor`, short ones are kept, and the band between is blended."""
+def llama3_rope(inv_freq: torch.Tensor, scaling: dict) -> tuple[torch.Tensor, float]:
+    """Llama 3.1's "llama3" scaling: long wavelengths (beyond the original context) are slowed down by
+    `factor`, short ones are kept, and the band between is blended. No attention factor."""
     factor = scaling["factor"]
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_len = scaling["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
     # smooth = 1 keeps a frequency, smooth = 0 divides it by `factor`, clamped to [0, 1] in between
     smooth = ((old_len / wavelen - low) / (high - low)).clamp(0.0, 1.0)
-    return 1.0 / (smooth + (1.0 - smooth) / factor)
+    return 1.0 / (smooth + (1.0 - smooth) / factor), 1.0
 
 
-def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
-    """The rotation speed of each pair of channels, (head_dim // 2,), in float32.
+# The RoPE types a config may name (transformers' `rope_type`), each with the config keys it needs and a
+# function (inv_freq, scaling) -> (per-frequency divisors, attention factor on cos and sin). Both the model
+# and the loader's validation read this one table; a new scaling (PI, YaRN, searched factors) is one entry.
+ROPE_TYPES = {
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), llama3_rope),
+}
 
-    Scalings are expressed as per-frequency divisors, so another one (PI, NTK, YaRN, searched
-    factors) is one more function returning a tensor of the same shape."""
+
+def rope_inv_freq(args: ModelArgs, device=None) -> tuple[torch.Tensor, float]:
+    """The rotation speed of each pair of channels, (head_dim // 2,) in float32, and the attention factor
+    that multiplies cos and sin (1 unless the rope type has one)."""
     exponents = torch.arange(0, args.head_dim, 2, dtype=torch.float32, device=device) / args.head_dim
     inv_freq = 1.0 / (args.rope_theta ** exponents)
-    if args.rope_scaling is not None:
-        kind = args.rope_scaling["rope_type"]
-        if kind != "llama3":
-            raise ValueError(f"unsupported rope_type {kind!r} (supported: 'llama3' or none)")
-        inv_freq = inv_freq / llama3_rope_factors(inv_freq, args.rope_scaling)
-    return inv_freq
+    if args.rope_scaling is None:
+        return inv_freq, 1.0
+    kind = args.rope_scaling["rope_type"]
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"unsupported rope_type {kind!r} (supported: {', '.join(ROPE_TYPES)} or none)")
+    divisors, attention_factor = ROPE_TYPES[kind][1](inv_freq, args.rope_scaling)
+    return inv_freq / divisors, attention_factor
 
 
 def rope_cos_sin(args: ModelArgs, start_pos: int, seqlen: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of every rotation angle for positions start_pos .. start_pos+seqlen-1, (seqlen, head_dim)."""
     positions = torch.arange(start_pos, start_pos + seqlen, dtype=torch.float32, device=device)
-    angles = torch.outer(positions, rope_inv_freq(args, device))  # (seqlen, head_dim // 2)
+    inv_freq, attention_factor = rope_inv_freq(args, device)
+    angles = torch.outer(positions, inv_freq)                      # (seqlen, head_dim // 2)
     angles = torch.cat((angles, angles), dim=-1)                   # (seqlen, head_dim)
-    return angles.cos(), angles.sin()
+    if attention_factor == 1.0:
+        return angles.cos(), angles.sin()
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -181,11 +191,19 @@ class Transformer(nn.Module):
         without it the sequence is processed alone, causally (the training path; start_pos must be 0
         unless you mean to shift positions). `last=n` computes logits for the last n positions only:
         the output head is the largest matmul of a small model, and a loss on a suffix needs no more."""
-        bsz, seqlen = tokens.shape
+        h = self.tok_embeddings(tokens)                                                   # (bs, seqlen, dim)
+        return self.output(self.hidden_states(h, start_pos, cache, last))                 # (bs, seqlen or last, vocab)
+
+    def hidden_states(self, h: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
+                      last: int | None = None) -> torch.Tensor:
+        """Input embeddings h (bs, seqlen, dim) -> final hidden states after the last norm (bs, seqlen or
+        last, dim), i.e. everything but the token lookup and the output head. The seam for methods that
+        feed vectors that are not token embeddings (memory tokens) or apply the head themselves (a
+        blockwise loss)."""
+        bsz, seqlen, _ = h.shape
         if cache is not None and start_pos + seqlen > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; cannot write {seqlen} at {start_pos}")
-        h = self.tok_embeddings(tokens)                                                   # (bs, seqlen, dim)
-        cos, sin = rope_cos_sin(self.args, start_pos, seqlen, tokens.device)              # (seqlen, head_dim)
+        cos, sin = rope_cos_sin(self.args, start_pos, seqlen, h.device)                    # (seqlen, head_dim)
         for i, layer in enumerate(self.layers):
             if cache is None:
                 h = layer(h, cos, sin, start_pos)
@@ -193,7 +211,7 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, start_pos, cache.k[i], cache.v[i])
         if last is not None:
             h = h[:, -last:]  # note: slicing before the norm and head saves their cost on unused positions
-        return self.output(self.norm(h))                                                  # (bs, seqlen or last, vocab)
+        return self.norm(h)                                                               # (bs, seqlen or last, dim)
 
 
 # ----------------------------------------------------------------------------- generation

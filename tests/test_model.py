@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from load_llama import load_model
-from conftest import tiny_model, write_hf_checkpoint
+from helpers import tiny_model, write_hf_checkpoint
 
 BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3, rms_norm_eps=1e-5,
             max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
@@ -109,3 +109,43 @@ def test_top_p_sampling_is_seeded_and_stays_in_the_nucleus():
     assert set(draws) == {0, 1}
     again = [sample(logits, 1.0, 0.9, torch.Generator().manual_seed(s)) for s in range(200)]
     assert draws == again
+
+
+def test_hidden_states_and_input_embeddings_match_transformers(tmp_path):
+    """The seam for methods: embeddings in (memory tokens), the final normed hidden states out."""
+    transformers = pytest.importorskip("transformers")
+    write_hf_checkpoint(tmp_path, shard=False, **BASE, **CONFIGS["gqa_untied"])
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager")
+    ours = load_model(tmp_path, dtype=torch.float32)
+    embeds = torch.randn(2, 37, BASE["hidden_size"], generator=torch.Generator().manual_seed(2))  # not token rows
+    with torch.no_grad():
+        expected = hf.model(inputs_embeds=embeds).last_hidden_state  # after the final norm, like ours
+        got = ours.hidden_states(embeds)
+        tokens = torch.randint(0, BASE["vocab_size"], (1, 20))
+        logits_via_seam = ours.output(ours.hidden_states(ours.tok_embeddings(tokens)))
+    assert (got - expected).abs().max().item() <= 1e-4
+    assert torch.equal(logits_via_seam, ours(tokens))
+
+
+def test_every_rope_type_in_the_table_is_accepted_by_the_loader_with_its_keys():
+    from load_llama import args_from_config
+    from model import ROPE_TYPES
+    config = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                  vocab_size=100, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512)
+    for kind, (keys, _) in ROPE_TYPES.items():
+        scaling = {"rope_type": kind, **{k: 2.0 for k in keys}}
+        args = args_from_config(config | {"rope_scaling": scaling})
+        assert args.rope_scaling == scaling
+
+
+def test_loading_into_changed_args_keeps_the_weights_and_refuses_what_does_not_fit(tmp_path):
+    from load_llama import CheckpointError
+    write_hf_checkpoint(tmp_path, shard=False, **BASE, **CONFIGS["gqa_untied"])
+    plain = load_model(tmp_path, dtype=torch.float32)
+    longer = load_model(tmp_path, dtype=torch.float32, changes={"max_seq_len": 4096})
+    assert longer.args.max_seq_len == 4096 and plain.args.max_seq_len == BASE["max_position_embeddings"]
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), longer.parameters()))
+    with pytest.raises(ValueError, match=r"\['max_len'\] are not ModelArgs fields"):
+        load_model(tmp_path, changes={"max_len": 4096})
+    with pytest.raises(CheckpointError, match="expected .* from config.json"):  # shapes must still fit
+        load_model(tmp_path, changes={"hidden_dim": 96})
