@@ -5,6 +5,11 @@
 B = 0 makes a fresh adapter exactly the identity. Removing the adapter puts the very same base module
 objects back, so the base weights are bit-identical to what was loaded: nothing is ever merged into
 them (a bf16 merge/unmerge round trip drifts the weights; the official Temp-LoRA code did that).
+
+One adapter per model at a time, unnamed. A method that needs two at once (UIO-LLMs: an encoder LoRA and
+a decoder LoRA) builds two LoRALinear over the same base linear and picks one per forward in its own file:
+which adapter runs when is that method's logic, and names here would make every Temp-LoRA path carry a
+name it never uses.
 """
 import math
 from contextlib import contextmanager
@@ -19,7 +24,7 @@ DEFAULT_TARGETS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo
 
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None):
         super().__init__()
         if rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {rank}")
@@ -27,6 +32,7 @@ class LoRALinear(nn.Module):
         self.scale = alpha / rank
         self.dropout = dropout
         self.enabled = True  # False: behave exactly as the base layer (used to score the base model)
+        self.generator = generator  # the caller's random stream for A's init and the dropout masks (None: global)
         # the adapter lives in its own dtype (float32 by default) even beside a bf16 base: its updates
         # are ~lr-sized and would round away in bf16
         device = base.weight.device
@@ -35,7 +41,7 @@ class LoRALinear(nn.Module):
         self.reset()
 
     def reset(self):
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5), generator=self.generator)  # as nn.Linear inits its weight
         nn.init.zeros_(self.lora_b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in_features)
@@ -49,7 +55,7 @@ class LoRALinear(nn.Module):
         if self.training and self.dropout > 0:
             # inverted dropout, written out: a uniform draw compared with p makes the mask in half
             # the time of F.dropout's bernoulli_ on CPU (measured), and 1/(1-p) joins the scale
-            x = x * (torch.rand(x.shape, device=x.device) >= self.dropout)
+            x = x * (torch.rand(x.shape, device=x.device, generator=self.generator) >= self.dropout)
             scale = scale / (1.0 - self.dropout)
         a = (scale * self.lora_a).to(x.dtype)
         b = self.lora_b.to(x.dtype)
@@ -57,8 +63,11 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model: nn.Module, rank: int = 64, alpha: float = 64.0, dropout: float = 0.05,
-             targets: tuple[str, ...] = DEFAULT_TARGETS, dtype: torch.dtype = torch.float32) -> list[LoRALinear]:
-    """Wrap `targets` (paths inside each block, e.g. "attention.wq") of every layer; return the wrappers."""
+             targets: tuple[str, ...] = DEFAULT_TARGETS, dtype: torch.dtype = torch.float32,
+             generator: torch.Generator | None = None) -> list[LoRALinear]:
+    """Wrap `targets` (paths inside each block, e.g. "attention.wq") of every layer; return the wrappers.
+    `generator` (on the model's device) drives A's init and the dropout masks, so a run is reproducible
+    without touching the global random state."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("the model already has a LoRA adapter; remove_lora() it first")
     wrappers = []
@@ -70,11 +79,11 @@ def add_lora(model: nn.Module, rank: int = 64, alpha: float = 64.0, dropout: flo
                 base = getattr(parent, name)
                 if not isinstance(base, nn.Linear):
                     raise ValueError(f"LoRA target {path!r} is a {type(base).__name__}, not an nn.Linear")
-                wrapper = LoRALinear(base, rank, alpha, dropout, dtype)
+                wrapper = LoRALinear(base, rank, alpha, dropout, dtype, generator)
                 setattr(parent, name, wrapper)
                 wrappers.append(wrapper)
     except Exception:
-        remove_lora(model)  # all or nothing
+        remove_lora(model, wrappers)  # all or nothing
         raise
     return wrappers
 
@@ -91,11 +100,12 @@ def reset_lora(model: nn.Module) -> None:
             m.reset()
 
 
-def remove_lora(model: nn.Module) -> None:
-    """Put every wrapped base nn.Linear back where it was. Safe to call when there is no adapter."""
+def remove_lora(model: nn.Module, wrappers: list[LoRALinear] | None = None) -> None:
+    """Put the base nn.Linear of each of `wrappers` (all of them when None) back where it was.
+    Safe to call when there is no adapter, or twice."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, LoRALinear):
+            if isinstance(child, LoRALinear) and (wrappers is None or any(child is w for w in wrappers)):
                 setattr(parent, name, child.base)
 
 

@@ -9,16 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora import lora_parameters
 
 
-def make_optimizer(model: nn.Module, lr: float = 5e-5, weight_decay: float = 0.0,
+def make_optimizer(params, lr: float = 5e-5, weight_decay: float = 0.0,
                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-7) -> torch.optim.AdamW:
-    """AdamW over the adapter only, with the official code's settings. It lives as long as the adapter:
-    its moments carry over from block to block."""
-    params = lora_parameters(model)
+    """AdamW over `params` (for Temp-LoRA: lora_parameters(model), the adapter only), with the official
+    code's settings. It lives as long as the adapter: its moments carry over from block to block."""
+    if isinstance(params, nn.Module):
+        raise TypeError("make_optimizer takes the parameters to train, e.g. lora_parameters(model), not a model")
+    params = list(params)
     if not params:
-        raise ValueError("the model has no LoRA adapter to train; call add_lora() first")
+        raise ValueError("no parameters to train (for an adapter: call add_lora() first)")
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import checksums, tiny_model
+from helpers import checksums, tiny_model
 from lora import LoRALinear, add_lora, lora_parameters, remove_lora, reset_lora
 from train_block import block_loss, make_optimizer, train_block
 
@@ -35,7 +35,7 @@ def test_training_then_removal_leaves_base_parameters_bit_identical():
     base_modules = [layer.attention.wq for layer in model.layers]
     before = checksums(model)
     add_lora(model, rank=8, alpha=16, dropout=0.1)
-    opt = make_optimizer(model, lr=1e-2)
+    opt = make_optimizer(lora_parameters(model), lr=1e-2)
     ids = torch.randint(0, 300, (40,)).tolist()
     losses = train_block(model, opt, ids[:24], ids[24:], lr=1e-2, epochs=3)
     assert losses[-1] < losses[0]  # it did train
@@ -77,7 +77,7 @@ def test_block_loss_is_cross_entropy_over_block_tokens_only(n_context):
         expected = F.cross_entropy(logits[first:-1], torch.tensor(ids[first + 1:]))
         got = block_loss(model, context, block)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-    opt = make_optimizer(model, lr=1e-3)
+    opt = make_optimizer(lora_parameters(model), lr=1e-3)
     losses = train_block(model, opt, context, block, lr=1e-3, epochs=1)
     assert losses[0] == pytest.approx(expected.item(), rel=1e-5)
 
@@ -87,7 +87,7 @@ def test_non_finite_loss_skips_the_update():
     add_lora(model, rank=4, alpha=8)
     with torch.no_grad():
         model.layers[0].attention.wq.base.weight[0, 0] = float("nan")  # poison the forward
-    opt = make_optimizer(model, lr=1e-2)
+    opt = make_optimizer(lora_parameters(model), lr=1e-2)
     before = [p.clone() for p in lora_parameters(model)]
     ids = list(range(30))
     losses = train_block(model, opt, ids[:10], ids[10:], lr=1e-2, epochs=2)
@@ -101,7 +101,7 @@ def test_reset_makes_the_adapter_the_identity_again():
     with torch.no_grad():
         base = model(tokens)
     add_lora(model, rank=4, alpha=8)
-    train_block(model, make_optimizer(model, 1e-2), [], tokens[0].tolist(), lr=1e-2)
+    train_block(model, make_optimizer(lora_parameters(model), 1e-2), [], tokens[0].tolist(), lr=1e-2)
     with torch.no_grad():
         assert not torch.equal(model(tokens), base)
         reset_lora(model)
