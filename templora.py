@@ -15,11 +15,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from lora import add_lora, lora_disabled, remove_lora
-from model import KVCache, Transformer, generate
+from lora import add_lora, lora_disabled, lora_parameters, remove_lora
+from model import Transformer, generate
+from protocol import Window, evaluate_blocks, perplexity, position_table, score_block
 from train_block import make_optimizer, train_block
+
+REPO = Path(__file__).resolve().parent
 
 # --dtype of the CLI (and the benchmarks): the base model's dtype; the adapter is always stored in fp32
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -43,10 +45,13 @@ class TempLoRAConfig:
     seed: int = 0
 
 
-def check_config(cfg: TempLoRAConfig, model: Transformer) -> None:
+def check_config(cfg: TempLoRAConfig, model: Transformer, base_window: int | None = None) -> None:
     """Reject knob values that cannot work, naming the flag."""
     max_len = model.args.max_seq_len
     problems = []
+    if base_window is not None and not cfg.delta < base_window <= max_len:
+        problems.append(f"--base-window ({base_window}) must be larger than --delta ({cfg.delta}) and at most "
+                        f"the model's max_position_embeddings ({max_len})")
     if cfg.delta < 2:
         problems.append(f"--delta must be at least 2, got {cfg.delta}")
     if cfg.delta >= cfg.window:
@@ -73,38 +78,6 @@ def lr_at(block: int, cfg: TempLoRAConfig) -> float:
     return cfg.lr * min(1.0, (block + 1) / max(1, cfg.warmup_blocks))
 
 
-class Window:
-    """The KV cache over the tail of the text, and which tokens it holds.
-
-    It holds text[start : start + length]; later tokens are pending (not yet encoded). When encoding
-    the pending tokens and the next block would overflow W positions, the cache is recomputed: it
-    restarts from the last L_x tokens of the text, each encoded exactly once, with the newest adapter."""
-
-    def __init__(self, model: Transformer, size: int, keep: int):
-        p = next(model.parameters())
-        self.cache = KVCache(model.args, 1, size, p.device, p.dtype)
-        self.size, self.keep = size, keep
-        self.start = self.length = 0
-        self.recomputes = 0
-
-    @property
-    def end(self) -> int:  # index in the text of the first token not in the cache
-        return self.start + self.length
-
-    def make_room(self, n_text: int, n_block: int) -> bool:
-        """Before a block: recompute if pending tokens + the block's new tokens would not fit."""
-        pending = n_text - self.end
-        if self.length + pending + n_block - 1 <= self.size:
-            return False
-        self.start, self.length = max(0, n_text - self.keep), 0
-        self.recomputes += 1
-        return True
-
-    def invalidate(self) -> None:
-        """Drop the cached K/V but keep the same tokens: they are re-encoded by the next forward."""
-        self.length = 0
-
-
 # ----------------------------------------------------------------------------- generate
 
 def generate_templora(model: Transformer, prompt: list[int], max_new_tokens: int, cfg: TempLoRAConfig,
@@ -115,14 +88,14 @@ def generate_templora(model: Transformer, prompt: list[int], max_new_tokens: int
     check_config(cfg, model)
     if not prompt:
         raise ValueError("the prompt is empty (and the tokenizer has no BOS token to start from)")
-    torch.manual_seed(cfg.seed)
-    sampler = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+    device = next(model.parameters()).device
+    sampler = torch.Generator(device=device).manual_seed(cfg.seed)      # picks the tokens
+    adapter_rng = torch.Generator(device=device).manual_seed(cfg.seed)  # the adapter's init and dropout
     text = list(prompt)
     window = Window(model, cfg.window, cfg.keep)
-    if cfg.templora:
-        add_lora(model, cfg.rank, cfg.alpha, cfg.dropout)
+    wrappers = add_lora(model, cfg.rank, cfg.alpha, cfg.dropout, generator=adapter_rng) if cfg.templora else []
     try:
-        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay) if cfg.templora else None
+        optimizer = make_optimizer(lora_parameters(model), cfg.lr, cfg.weight_decay) if cfg.templora else None
         block = 0
         while len(text) - len(prompt) < max_new_tokens:
             n = min(cfg.delta, max_new_tokens - (len(text) - len(prompt)))
@@ -133,7 +106,9 @@ def generate_templora(model: Transformer, prompt: list[int], max_new_tokens: int
             # 1. generate Δ tokens with the current adapter; the cache holds K/V of older adapters
             pending = text[window.end:]
             new = generate(model, window.cache, pending, window.length, n, temperature, top_p, stop_ids, sampler)
-            window.length += len(pending) + len(new) - 1  # the last new token is the next call's pending
+            # generate() encoded the pending tokens and every new token but the last (the last was sampled
+            # from the logits of the one before it and never fed): it is the next block's first pending token
+            window.advance(len(pending) + len(new) - 1)
             text += new
             log(f"[block {block}] generate: {len(new)} tokens (cache holds {window.length})")
             if cfg.templora:
@@ -150,7 +125,7 @@ def generate_templora(model: Transformer, prompt: list[int], max_new_tokens: int
                 break
     finally:
         # 4. discard the adapter, whatever happened: the base modules go back, bit-identical
-        remove_lora(model)
+        remove_lora(model, wrappers)
         if cfg.templora:
             log("discard: adapter removed, base model restored")
     return text[len(prompt):]
@@ -158,113 +133,80 @@ def generate_templora(model: Transformer, prompt: list[int], max_new_tokens: int
 
 # ----------------------------------------------------------------------------- eval (PG19 protocol)
 
-@torch.no_grad()
-def score_block(model: Transformer, window: Window, ids: list[int], start: int, end: int) -> float:
-    """Summed NLL (nats) of ids[start:end], each token given everything before it that the window holds."""
-    window.make_room(start, end - start)
-    feed = ids[window.end: end - 1]  # pending tokens, then the block but its last token
-    logits = model(torch.tensor([feed], device=window.cache.k[0].device), window.length, window.cache,
-                   last=end - start)                                                    # (1, end - start, vocab)
-    window.length += len(feed)
-    targets = torch.tensor(ids[start:end], device=logits.device)
-    return F.cross_entropy(logits[0].float(), targets, reduction="sum").item()
+def eval_block(model: Transformer, ids: list[int], start: int, end: int, base_win: Window,
+               lora_win: Window | None, optimizer, lr: float, cfg: TempLoRAConfig) -> dict:
+    """One block of the eval protocol: the NLL of ids[start:end] under the base model (adapter switched
+    off, its own window) and under the adapter trained on all earlier blocks (its own window), then the
+    adapter trains on the block. lora_win None: the base model alone. Seconds by phase in "seconds"."""
+    tic = time.perf_counter()
+    with lora_disabled(model):
+        out = {"nll_base": score_block(model, base_win, ids, start, end)}
+    out["seconds"] = {"score_base": time.perf_counter() - tic}
+    if lora_win is not None:
+        tic = time.perf_counter()
+        recomputes = lora_win.recomputes
+        out["nll_templora"] = score_block(model, lora_win, ids, start, end)
+        out["recomputed"] = lora_win.recomputes > recomputes
+        out["seconds"]["score_templora"] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        context = ids[max(0, start - cfg.context): start]
+        out["train_loss"] = train_block(model, optimizer, context, ids[start:end], lr, cfg.epochs)
+        if not cfg.cache_reuse:
+            lora_win.invalidate()
+        out["seconds"]["train"] = time.perf_counter() - tic
+    return out
 
 
 def evaluate(model: Transformer, ids: list[int], cfg: TempLoRAConfig, base_window: int | None = None,
-             progress=None) -> dict:
+             progress=None, extras=None) -> dict:
     """Score every block of Δ tokens with the base model and with the adapter trained on all earlier
-    blocks, then train on the block. Token 0 is context only; tokens 1.. are scored.
-    With cfg.templora False only the base model is scored (no adapter, no training)."""
-    check_config(cfg, model)
-    if len(ids) < cfg.delta + 1:
-        raise ValueError(f"the text has {len(ids)} tokens: fewer than one block (--delta {cfg.delta}) + 1")
-    torch.manual_seed(cfg.seed)
+    blocks, then train on the block (protocol.evaluate_blocks). Token 0 is context only; tokens 1.. are
+    scored. With cfg.templora False only the base model is scored (no adapter, no training).
+    `extras()`, if given, is called after each block and its dict is kept in that block (e.g. FLOPs)."""
+    check_config(cfg, model, base_window)
     # the base model may get its own (e.g. longer) window; its L_x scales with it
     base_size = base_window or cfg.window
     base_win = Window(model, base_size, min(cfg.keep * base_size // cfg.window, base_size - cfg.delta))
     lora_win = Window(model, cfg.window, cfg.keep) if cfg.templora else None
-    chunks, t = [], {"score_base_s": 0.0, "score_templora_s": 0.0, "train_s": 0.0}
-    t0 = time.perf_counter()
-    if cfg.templora:
-        add_lora(model, cfg.rank, cfg.alpha, cfg.dropout)
+    adapter_rng = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
+    wrappers = add_lora(model, cfg.rank, cfg.alpha, cfg.dropout, generator=adapter_rng) if cfg.templora else []
     try:
-        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay) if cfg.templora else None
-        for block, start in enumerate(range(1, len(ids), cfg.delta)):
-            end = min(start + cfg.delta, len(ids))
-            tic = time.perf_counter()
-            with lora_disabled(model):
-                nll_base = score_block(model, base_win, ids, start, end)
-            chunk = {"start": start, "tokens": end - start, "nll_base": nll_base}
-            tac = time.perf_counter()
-            t["score_base_s"] += tac - tic
-            if cfg.templora:
-                recomputes = lora_win.recomputes
-                chunk["nll_templora"] = score_block(model, lora_win, ids, start, end)
-                chunk["recomputed"] = lora_win.recomputes > recomputes
-                toc = time.perf_counter()
-                context = ids[max(0, start - cfg.context): start]
-                chunk["train_loss"] = train_block(model, optimizer, context, ids[start:end], lr_at(block, cfg),
-                                                  cfg.epochs)
-                if not cfg.cache_reuse:
-                    lora_win.invalidate()
-                t["score_templora_s"] += toc - tac
-                t["train_s"] += time.perf_counter() - toc
-            chunks.append(chunk)
-            if progress:
-                progress(chunks, end, len(ids), time.perf_counter() - t0)
+        optimizer = make_optimizer(lora_parameters(model), cfg.lr, cfg.weight_decay) if cfg.templora else None
+
+        def step(block: int, start: int, end: int) -> dict:
+            out = eval_block(model, ids, start, end, base_win, lora_win, optimizer, lr_at(block, cfg), cfg)
+            return out | extras() if extras else out
+        result = evaluate_blocks(ids, cfg.delta, step, progress)
     finally:
-        remove_lora(model)
-    n = sum(c["tokens"] for c in chunks)
-    t["total_s"] = time.perf_counter() - t0
-    return {
-        "ppl_base": math.exp(sum(c["nll_base"] for c in chunks) / n),
-        "ppl_templora": math.exp(sum(c["nll_templora"] for c in chunks) / n) if cfg.templora else None,
-        "scored_tokens": n,
+        remove_lora(model, wrappers)
+    chunks = result["chunks"]
+    seconds = {f"{phase}_s": sum(c["seconds"].get(phase, 0.0) for c in chunks)
+               for phase in ("score_base", "score_templora", "train")}
+    return result | {
+        "ppl_templora": result.get("ppl_templora"),  # None for a base-only run
         "recomputes": {"base": base_win.recomputes, "templora": lora_win.recomputes if cfg.templora else None},
         "skipped_updates": sum(math.isnan(x) for c in chunks for x in c.get("train_loss", [])),
         "config": asdict(cfg) | {"base_window": base_size},
-        "timings": t | {"tokens_per_s": n / t["total_s"]},
-        "chunks": chunks,
+        "timings": seconds | result["timings"],
     }
 
 
 # ----------------------------------------------------------------------------- command line
 
 def progress_bar(chunks: list[dict], done: int, total: int, elapsed: float) -> None:
-    """One line on stderr, rewritten in place: block i/N, train loss, running perplexities, tokens/s."""
-    n = sum(c["tokens"] for c in chunks)
-    ppl_b = math.exp(sum(c["nll_base"] for c in chunks) / n)
+    """One line on stderr, rewritten in place: block i/N, running perplexities, train loss, tokens/s."""
     blocks = math.ceil((total - 1) / chunks[0]["tokens"])
-    line = f"\rblock {len(chunks)}/{blocks}  ppl base {ppl_b:.2f}  "
+    line = f"\rblock {len(chunks)}/{blocks}  ppl base {perplexity(chunks, 'base'):.2f}  "
     if "nll_templora" in chunks[-1]:
-        ppl_t = math.exp(sum(c["nll_templora"] for c in chunks) / n)
-        line += f"templora {ppl_t:.2f}  train loss {chunks[-1]['train_loss'][-1]:.3f}  "
+        line += f"templora {perplexity(chunks, 'templora'):.2f}  train loss {chunks[-1]['train_loss'][-1]:.3f}  "
     sys.stderr.write(line + f"{done / elapsed:.0f} tok/s ")
     sys.stderr.flush()
-
-
-def position_table(chunks: list[dict], edges=(0, 4096, 8192, 16384, 32768, 65536, 131072)) -> str:
-    """Perplexity by position in the text (exp of mean NLL within each bucket)."""
-    rows = ["position        tokens   ppl_base  ppl_templora   change"]
-    for lo, hi in zip(edges, edges[1:] + (math.inf,)):
-        inside = [c for c in chunks if lo <= c["start"] < hi]
-        if not inside:
-            continue
-        n = sum(c["tokens"] for c in inside)
-        b = math.exp(sum(c["nll_base"] for c in inside) / n)
-        label = f"{lo // 1024}K-{hi // 1024}K" if hi != math.inf else f"{lo // 1024}K+"
-        if "nll_templora" in inside[0]:
-            t = math.exp(sum(c["nll_templora"] for c in inside) / n)
-            rows.append(f"{label:<14}{n:>8}  {b:9.3f}  {t:12.3f}  {100 * (t / b - 1):+6.1f}%")
-        else:
-            rows.append(f"{label:<14}{n:>8}  {b:9.3f}")
-    return "\n".join(rows)
 
 
 def config_from_args(a: argparse.Namespace) -> TempLoRAConfig:
     return TempLoRAConfig(delta=a.delta, context=a.context, window=a.window, keep=a.keep, rank=a.rank,
                           alpha=a.alpha, dropout=a.dropout, lr=a.lr, warmup_blocks=a.warmup_blocks,
-                          epochs=a.epochs, cache_reuse=not a.no_cache_reuse,
+                          epochs=a.epochs, cache_reuse=not getattr(a, "no_cache_reuse", False),
                           templora=not getattr(a, "no_templora", False), seed=a.seed)
 
 
@@ -335,7 +277,7 @@ def demo() -> None:
                      vocab_size=258, rope_theta=10000.0, max_seq_len=2048)
     model = Transformer(args).eval().requires_grad_(False)
     before = [p.clone() for p in model.parameters()]
-    text = (Path(__file__).parent / "tests" / "excerpt.txt").read_text(encoding="utf-8")
+    text = (REPO / "data" / "harvester.txt").read_text(encoding="utf-8")
     ids = tok.encode(text, bos=True)
     cfg = TempLoRAConfig(delta=512, context=512, window=1536, keep=512, rank=16, alpha=32, lr=2e-3, epochs=2)
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters; text: {len(ids)} byte tokens of "
@@ -347,8 +289,7 @@ def demo() -> None:
         c = chunks[-1]
         print(f"block {len(chunks):2d} tokens {c['start']:5d}-{c['start'] + c['tokens']:5d}  "
               f"{'recompute' if c['recomputed'] else 'reuse    '}  "
-              f"ppl base {math.exp(c['nll_base'] / c['tokens']):7.2f}  "
-              f"templora {math.exp(c['nll_templora'] / c['tokens']):7.2f}  "
+              f"ppl base {perplexity([c], 'base'):7.2f}  templora {perplexity([c], 'templora'):7.2f}  "
               f"then train: loss {' -> '.join(f'{x:.3f}' for x in c['train_loss'])}")
     r = evaluate(model, ids, cfg, progress=per_block)
     print(f"overall ppl: base {r['ppl_base']:.2f}, templora {r['ppl_templora']:.2f}; "
@@ -362,32 +303,36 @@ def demo() -> None:
     print(f"base weights bit-identical to before the run: {same}")
 
 
+def add_knob_flags(p: argparse.ArgumentParser, d: TempLoRAConfig) -> None:
+    """The Temp-LoRA knobs as flags, with `d`'s values as defaults (the CLI and the benchmarks share them)."""
+    p.add_argument("--delta", type=int, default=d.delta, help="Δ: tokens per block")
+    p.add_argument("--context", type=int, default=d.context, help="L_T: context tokens seen by each training step")
+    p.add_argument("--window", type=int, default=d.window, help="W: KV cache length")
+    p.add_argument("--keep", type=int, default=d.keep, help="L_x: tokens kept when the cache is recomputed")
+    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--alpha", type=float, default=d.alpha)
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup-blocks", type=int, default=d.warmup_blocks)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="optimizer steps per block")
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    d = TempLoRAConfig()
 
-    def common(sp, delta, context, window, keep):
+    def common(sp):
         sp.add_argument("--model", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer)")
         sp.add_argument("--device", default="cpu")
         sp.add_argument("--dtype", default="float32", choices=list(DTYPES))
         sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-        sp.add_argument("--delta", type=int, default=delta, help="Δ: tokens per block")
-        sp.add_argument("--context", type=int, default=context, help="L_T: context tokens seen by each training step")
-        sp.add_argument("--window", type=int, default=window, help="W: KV cache length")
-        sp.add_argument("--keep", type=int, default=keep, help="L_x: tokens kept when the cache is recomputed")
-        sp.add_argument("--rank", type=int, default=d.rank)
-        sp.add_argument("--alpha", type=float, default=d.alpha)
-        sp.add_argument("--dropout", type=float, default=d.dropout)
-        sp.add_argument("--lr", type=float, default=d.lr)
-        sp.add_argument("--warmup-blocks", type=int, default=d.warmup_blocks)
-        sp.add_argument("--epochs", type=int, default=d.epochs, help="optimizer steps per block")
+        add_knob_flags(sp, TempLoRAConfig())
         sp.add_argument("--no-cache-reuse", action="store_true", help="recompute the cache after every update")
-        sp.add_argument("--seed", type=int, default=d.seed)
         sp.add_argument("--quiet", action="store_true")
 
     g = sub.add_parser("generate", help="generate text with Temp-LoRA")
-    common(g, d.delta, d.context, d.window, d.keep)
+    common(g)
     g.add_argument("--prompt-file", required=True)
     g.add_argument("--max-new-tokens", type=int, default=2048)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -397,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(run=cmd_generate)
 
     e = sub.add_parser("eval", help="perplexity of a long text, base vs Temp-LoRA (PG19 protocol)")
-    common(e, d.delta, d.context, d.window, d.keep)
+    common(e)
     e.add_argument("--text", required=True, help="a UTF-8 text file, e.g. a PG19 book")
     e.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (0: all)")
     e.add_argument("--base-window", type=int, default=None, help="W for the base model (default: --window)")

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import checksums, tiny_model
-from lora import LoRALinear, add_lora
+from helpers import checksums, tiny_model
+from lora import LoRALinear, add_lora, lora_parameters
 from model import KVCache
 from templora import TempLoRAConfig, Window, check_config, evaluate, generate_templora, score_block
 from train_block import make_optimizer, train_block
@@ -27,7 +27,7 @@ def test_reused_cache_equals_stale_keys_for_old_tokens_and_new_adapter_for_new_o
         model(ids[:, :n_old], 0, cache)  # old tokens, encoded by the old adapter (B = 0)
     old = {m: (m.lora_a.detach().clone(), m.lora_b.detach().clone())
            for m in model.modules() if isinstance(m, LoRALinear)}
-    train_block(model, make_optimizer(model, 1e-2), [], ids[0, :n_old].tolist(), lr=1e-2)  # adapter changes
+    train_block(model, make_optimizer(lora_parameters(model), 1e-2), [], ids[0, :n_old].tolist(), lr=1e-2)  # adapter changes
     with torch.no_grad():
         got = model(ids[:, n_old:], n_old, cache)  # new tokens reuse the stale cache
 
@@ -52,7 +52,7 @@ def test_reused_cache_equals_stale_keys_for_old_tokens_and_new_adapter_for_new_o
 def test_recompute_at_the_window_boundary_is_a_fresh_forward_of_the_last_keep_tokens():
     model = tiny_model()
     add_lora(model, rank=4, alpha=8, dropout=0.0)
-    opt = make_optimizer(model, 1e-2)
+    opt = make_optimizer(lora_parameters(model), 1e-2)
     ids = torch.randint(0, 300, (120,)).tolist()
     window = Window(model, size=48, keep=24)
     delta, recomputed_at = 16, []
@@ -199,3 +199,41 @@ def test_a_longer_base_window_sees_more_context():
     long = evaluate(model, ids, TempLoRAConfig(**(SMALL | {"templora": False})), base_window=192)
     assert long["recomputes"]["base"] < short["recomputes"]["base"]
     assert long["config"]["base_window"] == 192
+
+
+def test_the_loops_leave_the_global_random_state_alone_and_depend_only_on_the_seed():
+    model = tiny_model()
+    ids = torch.randint(0, 300, (90,)).tolist()
+    cfg = TempLoRAConfig(**(SMALL | {"dropout": 0.1}))  # dropout: the adapter draws random masks every step
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = evaluate(model, ids, cfg)
+    text = generate_templora(model, [1, 2, 3], 20, cfg, temperature=1.0, log=lambda s: None)
+    assert torch.equal(torch.get_rng_state(), state)  # nothing was drawn from the global generator
+    torch.manual_seed(999)  # another global seed, the same numbers
+    assert [c["nll_templora"] for c in evaluate(model, ids, cfg)["chunks"]] == [c["nll_templora"] for c in first["chunks"]]
+    assert generate_templora(model, [1, 2, 3], 20, cfg, temperature=1.0, log=lambda s: None) == text
+
+
+def test_the_loops_remove_only_the_adapter_they_added():
+    model = tiny_model()
+    mine = add_lora(model, rank=2, alpha=2, dropout=0.0)  # the caller's own adapter
+    ids = torch.randint(0, 300, (90,)).tolist()
+    evaluate(model, ids, TempLoRAConfig(**(SMALL | {"templora": False})))
+    generate_templora(model, [1, 2, 3], 20, TempLoRAConfig(**(SMALL | {"templora": False})), log=lambda s: None)
+    assert [m for m in model.modules() if isinstance(m, LoRALinear)] == mine
+
+
+@pytest.mark.parametrize("base_window", [16, 512])
+def test_a_bad_base_window_is_rejected_with_the_flag_named(base_window):
+    with pytest.raises(ValueError, match=re.escape(f"--base-window ({base_window}) must be larger than --delta (16)")):
+        evaluate(tiny_model(), list(range(90)), TempLoRAConfig(**SMALL), base_window=base_window)
+
+
+def test_make_optimizer_takes_parameters_not_a_model():
+    model = tiny_model()
+    add_lora(model, rank=2, alpha=2)
+    with pytest.raises(TypeError, match="lora_parameters"):
+        make_optimizer(model)
+    with pytest.raises(ValueError, match="no parameters to train"):
+        make_optimizer([])

@@ -11,7 +11,7 @@ import pytest
 from load_llama import CheckpointError, Tokenizer, load_tokenizer  # noqa: F401
 
 # Excerpt of "The Harvester" by Gene Stratton-Porter (1911, public domain), PG19 book 349.
-EXCERPT = (Path(__file__).parent / "excerpt.txt").read_text(encoding="utf-8")
+EXCERPT = (Path(__file__).resolve().parent.parent / "data" / "harvester.txt").read_text(encoding="utf-8")
 
 # Texts that Meta and Hugging Face both tokenize the same way (no special-token strings).
 TEXTS = {
