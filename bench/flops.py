@@ -38,6 +38,21 @@ def forward_flops(args: ModelArgs, tokens: int, keys: int, logits: int, lora_ran
     }
 
 
+def causal_pairs(T: int) -> int:
+    """(query, key) pairs of causal attention over T tokens: query i sees keys 0..i."""
+    return T * (T + 1) // 2
+
+
+def prefill_flops(args: ModelArgs, T: int) -> float:
+    """Forward of T tokens into an empty cache, logits of the last position only."""
+    return sum(forward_flops(args, T, causal_pairs(T), logits=1).values())
+
+
+def step_flops(args: ModelArgs, T: int, n_loss: int, rank: int) -> float:
+    """One adapter step on a T-token window with the loss (and so the head) on its last n_loss tokens."""
+    return train_step_flops(forward_flops(args, T, causal_pairs(T), logits=n_loss, lora_rank=rank))
+
+
 def train_step_flops(fwd: dict[str, float]) -> float:
     """Forward + backward of one adapter step, given its forward's FLOPs.
 
@@ -71,7 +86,7 @@ class FlopCounter:
         tokens, start, cache, last = (call.arguments[k] for k in ("tokens", "start_pos", "cache", "last"))
         batch, n = tokens.shape
         past = start if cache is not None else 0  # without a cache the sequence only sees itself
-        keys = batch * (n * past + n * (n + 1) // 2)  # new token i attends to keys 0 .. past + i
+        keys = batch * (n * past + causal_pairs(n))  # new token i attends to keys 0 .. past + i
         wrappers = [m for m in model.modules() if isinstance(m, LoRALinear)]
         rank = wrappers[0].lora_a.shape[0] if wrappers and wrappers[0].enabled else 0
         fwd = forward_flops(self.args, batch * n, keys, batch * (last or n), rank)

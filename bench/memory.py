@@ -1,6 +1,6 @@
 """Peak memory of `templora.py eval` as the text grows: the window, not the text, should bound it.
 
-    python bench/memory.py [--model DIR] [--text BOOK] [--tokens 8192,32768,131072] [--out bench/results/memory.json]
+    python -m bench.memory [--model DIR] [--text BOOK] [--tokens 8192,32768,131072] [--out bench/results/memory.json]
 
 For each N, in a fresh child process each (peak RSS is a high-water mark, so one run per process):
   templora  python templora.py eval --max-tokens N  with the Temp-LoRA knobs below (W = --window)
@@ -18,15 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-DEFAULT_MODEL = Path("~/.cache/templora-assets/smollm2-135m-instruct").expanduser()
-DEFAULT_BOOK = ROOT.parent / "shared" / "data" / "pg19-templora40" / "349.txt"  # 204,006 SmolLM2 tokens
+from bench.common import BASE_WINDOW, BOOK, MODEL_DIR, REPLICATION, REPO, RESULTS
 
-# what cmd_eval does before evaluate(): load the checkpoint, tokenize the whole text
+# what cmd_eval does before evaluate(): load the checkpoint, tokenize the whole text (run from the repo root)
 LOAD_ONLY = """
-import sys, torch
-sys.path.insert(0, {root!r})
+import torch
 from load_llama import load_llama
 from templora import DTYPES
 torch.set_num_threads({threads})
@@ -40,7 +36,7 @@ def run_child(cmd: list[str], log) -> dict:
     """Run cmd to completion; its wall time, exit status and own peak RSS (MiB)."""
     log("  $ " + " ".join(cmd))
     t = time.perf_counter()
-    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    child = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)  # this child's rusage alone (ru_maxrss: KiB on Linux)
     child.returncode = os.waitstatus_to_exitcode(status)
@@ -53,21 +49,21 @@ def run_child(cmd: list[str], log) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(DEFAULT_MODEL))
-    p.add_argument("--text", default=str(DEFAULT_BOOK), help="a book with more tokens than the largest N")
+    p.add_argument("--model", default=str(MODEL_DIR))
+    p.add_argument("--text", default=str(BOOK), help="a book with more tokens than the largest N")
     p.add_argument("--tokens", default="8192,32768,131072", help="comma-separated N (eval --max-tokens)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--delta", type=int, default=1024)
-    p.add_argument("--context", type=int, default=512)
-    p.add_argument("--window", type=int, default=2048)
-    p.add_argument("--keep", type=int, default=1024)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lr", default="3e-4", help="as in bench/replicate.py (memory does not depend on it)")
-    p.add_argument("--base-window", type=int, default=8192, help="W of the base-only runs")
+    p.add_argument("--delta", type=int, default=REPLICATION.delta)
+    p.add_argument("--context", type=int, default=REPLICATION.context)
+    p.add_argument("--window", type=int, default=REPLICATION.window)
+    p.add_argument("--keep", type=int, default=REPLICATION.keep)
+    p.add_argument("--epochs", type=int, default=REPLICATION.epochs)
+    p.add_argument("--lr", default=str(REPLICATION.lr), help="as in bench/replicate.py (memory does not depend on it)")
+    p.add_argument("--base-window", type=int, default=BASE_WINDOW, help="W of the base-only runs")
     p.add_argument("--base-keep", type=int, default=None, help="L_x of the base-only runs (default W/2)")
     p.add_argument("--skip", default="", help="comma-separated runs to leave out: load, templora, base")
-    p.add_argument("--out", default=str(HERE / "results" / "memory.json"))
+    p.add_argument("--out", default=str(RESULTS / "memory.json"))
     a = p.parse_args(argv)
     sizes = [int(x) for x in a.tokens.split(",") if x.strip()]
     skip = {x.strip() for x in a.skip.split(",") if x.strip()}
@@ -82,7 +78,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="templora-memory-") as tmp:
         if "load" not in skip:
             log("load only")
-            code = LOAD_ONLY.format(root=str(ROOT), threads=a.threads, model=a.model, dtype=a.dtype, text=a.text)
+            code = LOAD_ONLY.format(threads=a.threads, model=a.model, dtype=a.dtype, text=a.text)
             runs["load"] = run_child([sys.executable, "-c", code], log)
         for n in sizes:
             variants = {

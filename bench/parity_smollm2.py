@@ -1,7 +1,6 @@
 """Real-checkpoint parity: our loader + model vs transformers on SmolLM2-135M (dev dependencies).
 
-    python ../shared/tools/make_smollm2.py ~/.cache/templora-assets/smollm2-135m-instruct
-    python bench/parity_smollm2.py [--model DIR] [--book ../shared/data/pg19-templora40/349.txt]
+    python -m bench.parity_smollm2 [--model DIR] [--book BOOK]     # the model: python -m tools.smollm2
 
 Prints perplexity of both on the same token ids (fp32 and bf16), tokenizer agreement with HF
 `tokenizers` on the whole book, and greedy continuations from both.
@@ -9,15 +8,14 @@ Prints perplexity of both on the same token ids (fp32 and bf16), tokenizer agree
 import argparse
 import math
 import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from load_llama import load_llama  # noqa: E402
-from model import KVCache, generate  # noqa: E402
+from bench.common import BOOK, MODEL_DIR
+from load_llama import load_llama
+from model import KVCache, generate
 
 
 def ppl(logits, ids):
@@ -26,8 +24,8 @@ def ppl(logits, ids):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--model", default=os.path.expanduser("~/.cache/templora-assets/smollm2-135m-instruct"))
-    p.add_argument("--book", default=os.path.join(os.path.dirname(__file__), "../../shared/data/pg19-templora40/349.txt"))
+    p.add_argument("--model", default=str(MODEL_DIR))
+    p.add_argument("--book", default=str(BOOK))
     p.add_argument("--tokens", type=int, default=2048)
     a = p.parse_args()
     import tokenizers

@@ -1,6 +1,6 @@
 """Is the fast bf16 path good enough? Temp-LoRA perplexity on a real book, bf16 base vs fp32 everything.
 
-    python bench/precision.py [--model DIR] [--text BOOK] [--tokens 8192] [--out bench/results/precision.json]
+    python -m bench.precision [--model DIR] [--text BOOK] [--tokens 8192] [--out bench/results/precision.json]
 
 Runs the same `templora.evaluate` twice on the same token ids, same seed, same knobs (bench/replicate.py's):
   float32   base weights, activations, adapter and AdamW state all fp32 (the reference)
@@ -17,28 +17,23 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from load_llama import load_llama  # noqa: E402
-from templora import DTYPES, TempLoRAConfig, evaluate, progress_bar  # noqa: E402
+from bench.common import BOOK, MODEL_DIR, REPLICATION, RESULTS
+from load_llama import load_llama
+from templora import DTYPES, add_knob_flags, config_from_args, evaluate, progress_bar
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(Path("~/.cache/templora-assets/smollm2-135m-instruct").expanduser()))
-    p.add_argument("--text", default=str(REPO.parent / "shared/data/pg19-templora40/349.txt"))
+    p.add_argument("--model", default=str(MODEL_DIR))
+    p.add_argument("--text", default=str(BOOK))
     p.add_argument("--tokens", type=int, default=8192, help="scored tokens (the text is cut to tokens + 1)")
-    p.add_argument("--delta", type=int, default=1024)
-    p.add_argument("--context", type=int, default=512)
-    p.add_argument("--window", type=int, default=2048)
-    p.add_argument("--keep", type=int, default=1024)
-    p.add_argument("--lr", type=float, default=3e-4)
+    add_knob_flags(p, REPLICATION)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bound", type=float, default=1.0, help="allowed |ppl_bf16 / ppl_fp32 - 1| in percent")
-    p.add_argument("--out", default=str(REPO / "bench/results/precision.json"))
+    p.add_argument("--out", default=str(RESULTS / "precision.json"))
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    cfg = TempLoRAConfig(delta=a.delta, context=a.context, window=a.window, keep=a.keep, lr=a.lr)
+    cfg = config_from_args(a)
 
     runs = {}
     for name, dtype in DTYPES.items():

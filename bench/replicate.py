@@ -1,9 +1,9 @@
 """Temp-LoRA replication on PG19 books: base vs Temp-LoRA perplexity by position in the book, block size Δ,
 cache reuse vs recompute, and Temp-LoRA with a short window vs the base model with a long one (FLOPs, time).
 
-    python bench/replicate.py                  # the full run (CPU sized; every size is a flag)
-    python bench/replicate.py --quick          # smoke test: same settings, fewer and shorter books
-    python bench/replicate.py --model DIR --device cuda   # unchanged on an official Llama 3.x checkpoint
+    python -m bench.replicate                  # the full run (CPU sized; every size is a flag)
+    python -m bench.replicate --quick          # smoke test: same settings, fewer and shorter books
+    python -m bench.replicate --model DIR --device cuda   # unchanged on an official Llama 3.x checkpoint
 
 Writes bench/results/<run>-<book>.json (templora.evaluate's output + run, book, model, FLOPs), summary.md
 and *.png. A run whose JSON exists is skipped (so a crash loses only the run in progress) unless --force;
@@ -11,7 +11,6 @@ one made with other settings is an error, never silently mixed in.
 """
 import argparse
 import json
-import math
 import shlex
 import sys
 from dataclasses import asdict, replace
@@ -20,19 +19,17 @@ from typing import NamedTuple
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
-from flops import FlopCounter  # noqa: E402
-from load_llama import load_llama  # noqa: E402
-from templora import DTYPES, TempLoRAConfig, check_config, evaluate, progress_bar  # noqa: E402
+from bench.common import BASE_WINDOW, EVAL_BOOKS, MODEL_DIR, REPLICATION, RESULTS, model_label
+from bench.flops import FlopCounter
+from load_llama import load_llama
+from protocol import perplexity, position_buckets
+from templora import DTYPES, TempLoRAConfig, add_knob_flags, check_config, config_from_args, evaluate, progress_bar
 
-COMMAND = "python bench/replicate.py " + shlex.join(sys.argv[1:])
-BUCKETS = [(0, 4096, "0-4K"), (4096, 8192, "4-8K"), (8192, 16384, "8-16K"), (16384, 32768, "16-32K"),
-           (32768, math.inf, "32K+")]
+COMMAND = "python -m bench.replicate " + shlex.join(sys.argv[1:])
+BUCKETS = position_buckets((0, 4096, 8192, 16384, 32768))
 AGGREGATES = ["exp(mean NLL)", "paper's token-weighted mean of per-chunk ppl"]
 SIZES = {"full": dict(books=4, tokens=32768, ablation_books=1, ablation_tokens=8192),
          "quick": dict(books=1, tokens=2048, ablation_books=1, ablation_tokens=1024)}
-SMOLLM2 = "SmolLM2-135M-Instruct (4-bit Q4_1 quantized instruct weights, dequantized; not the original bf16 release)"
 
 
 class Run(NamedTuple):
@@ -44,11 +41,10 @@ class Run(NamedTuple):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    d = TempLoRAConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(Path("~/.cache/templora-assets/smollm2-135m-instruct").expanduser()))
+    p.add_argument("--model", default=str(MODEL_DIR))
     p.add_argument("--model-label", help="model name for table headers (default: from the directory name)")
-    p.add_argument("--books-dir", default=str(REPO.parent / "shared/data/pg19-templora40"))
+    p.add_argument("--books-dir", default=str(EVAL_BOOKS))
     p.add_argument("--book-ids", help="comma-separated book ids (file stems); default: the first --books by number")
     p.add_argument("--quick", action="store_true", help=f"smoke-test sizes {SIZES['quick']}")
     for name, what in [("books", "books in the main and base-window runs"), ("tokens", "scored tokens per book"),
@@ -56,27 +52,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                        ("ablation-tokens", "scored tokens per book in the ablations")]:
         key = name.replace("-", "_")
         p.add_argument(f"--{name}", type=int, help=f"{what} (full {SIZES['full'][key]}, quick {SIZES['quick'][key]})")
-    p.add_argument("--delta", type=int, default=1024, help="Δ of the main runs")
+    add_knob_flags(p, REPLICATION)  # --delta, --context, --window, --keep, --lr, ...: those of the main runs
     p.add_argument("--ablation-delta", type=int, default=512, help="the other Δ of the Δ ablation")
     p.add_argument("--cache-delta", type=int, default=512, help="Δ of the cache ablation (reuse only matters "
                    "when L_x + Δ < W: with L_x + Δ = W the cache is rebuilt before every block anyway)")
-    p.add_argument("--context", type=int, default=512, help="L_T (512: CPU-sized; the paper uses 3072)")
-    p.add_argument("--window", type=int, default=2048, help="W of Temp-LoRA (and of the base in the main runs)")
-    p.add_argument("--keep", type=int, default=1024, help="L_x")
-    p.add_argument("--base-window", type=int, default=8192, help="W of the base-only runs (compute trade-off)")
-    p.add_argument("--rank", type=int, default=d.rank)
-    p.add_argument("--alpha", type=float, default=d.alpha)
-    # 3e-4, not the paper's 5e-5 (tuned for 7B models): on a held-out PG19 *test* book (10146, not one of the
-    # 40 evaluated here) with SmolLM2-135M, 4K tokens gave -0.4% (5e-5), -3.0% (3e-4), -1.9% (1e-3)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--warmup-blocks", type=int, default=d.warmup_blocks)
-    p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--base-window", type=int, default=BASE_WINDOW, help="W of the base-only runs (compute trade-off)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
-    p.add_argument("--out", default=str(REPO / "bench/results"))
+    p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--force", action="store_true", help="redo runs whose JSON already exists")
     a = p.parse_args(argv)
     for key, value in SIZES["quick" if a.quick else "full"].items():
@@ -94,9 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def plan(a: argparse.Namespace, books: list[str]) -> list[Run]:
     """Main runs first (the headline), then the cheap base-window runs, then the ablations."""
-    main = TempLoRAConfig(delta=a.delta, context=a.context, window=a.window, keep=a.keep, rank=a.rank,
-                          alpha=a.alpha, dropout=a.dropout, lr=a.lr, warmup_blocks=a.warmup_blocks,
-                          epochs=a.epochs, seed=a.seed)
+    main = config_from_args(a)
     runs = [Run("main", b, a.tokens, main, None) for b in books]
     runs += [Run(f"base-w{a.base_window}", b, a.tokens, replace(main, templora=False), a.base_window) for b in books]
     subset = books[: a.ablation_books]
@@ -113,18 +95,6 @@ def settings(run: Run, a: argparse.Namespace) -> dict:
     return {"config": asdict(run.cfg) | {"base_window": run.base_window or run.cfg.window},
             "model": str(Path(a.model).resolve()), "dtype": a.dtype, "device": a.device,
             "text_tokens": run.tokens + 1}
-
-
-def block_meter(counter: FlopCounter):
-    """evaluate's progress callback: stores each block's FLOPs (by phase) and wall seconds in its chunk, so
-    ablations can be compared with the main run on the same first blocks; then draws the progress bar."""
-    last = [0.0]
-
-    def progress(chunks, done, total, elapsed):
-        chunks[-1]["flops"] = counter.take()
-        chunks[-1]["wall_s"], last[0] = elapsed - last[0], elapsed
-        progress_bar(chunks, done, total, elapsed)
-    return progress
 
 
 def run_all(a: argparse.Namespace, runs: list[Run], label: str) -> dict:
@@ -164,8 +134,9 @@ def compute(a: argparse.Namespace, todo: list[Run], label: str, results: dict) -
             sys.exit(f"error: book {run.book} has {len(ids_of[run.book])} tokens, fewer than {run.tokens} + 1")
     for i, run in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {run.name} book {run.book}: {run.tokens} tokens, Δ={run.cfg.delta}", file=sys.stderr)
-        with FlopCounter(model) as counter:
-            r = evaluate(model, ids_of[run.book][: run.tokens + 1], run.cfg, run.base_window, block_meter(counter))
+        with FlopCounter(model) as counter:  # each block keeps its own FLOPs, by phase
+            r = evaluate(model, ids_of[run.book][: run.tokens + 1], run.cfg, run.base_window, progress_bar,
+                         extras=lambda: {"flops": counter.take()})
         r |= settings(run, a) | {"run": run.name, "book": run.book, "model_label": label, "command": COMMAND,
                                  "threads": torch.get_num_threads(), "flops": counter.totals}
         path = out / f"{run.name}-{run.book}.json"
@@ -180,9 +151,9 @@ def compute(a: argparse.Namespace, todo: list[Run], label: str, results: dict) -
 
 def ppl(chunks: list[dict], key: str) -> tuple[float, float]:
     """(exp(sum NLL / sum tokens), the paper's sum(tokens_i * exp(nll_i / tokens_i)) / sum(tokens_i))."""
-    n = sum(c["tokens"] for c in chunks)
-    return (math.exp(sum(c[key] for c in chunks) / n),
-            sum(c["tokens"] * math.exp(c[key] / c["tokens"]) for c in chunks) / n)
+    name = key.removeprefix("nll_")
+    return (perplexity(chunks, name),
+            sum(c["tokens"] * perplexity([c], name) for c in chunks) / sum(c["tokens"] for c in chunks))
 
 
 def change(chunks: list[dict], agg: int) -> float:
@@ -342,7 +313,7 @@ def plots(main, base, out: Path, label: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    block_ppl = lambda chunks, key: [math.exp(c[key] / c["tokens"]) for c in chunks]  # noqa: E731
+    block_ppl = lambda chunks, key: [perplexity([c], key.removeprefix("nll_")) for c in chunks]  # noqa: E731
     r = main[0]
     mid = lambda chunks: [(c["start"] + c["tokens"] / 2) / 1024 for c in chunks]  # noqa: E731
     x = mid(r["chunks"])
@@ -386,7 +357,7 @@ def main(argv=None) -> None:
         (p.stem for p in Path(a.books_dir).glob("*.txt")), key=lambda s: (len(s), s))[: a.books]
     if len(books) < a.books:
         sys.exit(f"error: {a.books_dir} has {len(books)} books, --books asks for {a.books}")
-    label = a.model_label or (SMOLLM2 if "smollm2" in Path(a.model).name.lower() else Path(a.model).name)
+    label = a.model_label or model_label(a.model)
     results = run_all(a, plan(a, books), label)
     get = lambda name: [r for (n, _), r in results.items() if n == name]  # noqa: E731
     main_runs, base_runs = get("main"), get(f"base-w{a.base_window}")

@@ -2,7 +2,7 @@
 same model, dtype, tokens and thread count, in the same process; and against this machine's matmul peak.
 Dev dependencies (requirements-dev.txt).
 
-    python bench/speed.py [--model smollm2|llama1b|both] [--repeats 5] [--quick] [--out bench/results/speed.json]
+    python -m bench.speed [--model smollm2|llama1b|both] [--repeats 5] [--quick] [--out bench/results/speed.json]
 
 What is timed (each pair alternates ours / theirs, one warm-up each, then --repeats runs; medians):
   prefill  a no-grad forward of --seq tokens that fills a KV cache, logits of the last position only
@@ -13,8 +13,8 @@ What is timed (each pair alternates ours / theirs, one warm-up each, then --repe
   step     one Temp-LoRA adapter step on a --seq window (context + block, loss on the block only): forward,
            backward, clip 1.0, AdamW; rank 64 on q,k,v,o,gate,up,down. Ours: train_block + make_optimizer.
            Theirs: peft LoraConfig on LlamaForCausalLM, labels -100 on the context.
-  block    one Temp-LoRA eval block end to end: score base, score adapter, train --epochs steps. Ours: the
-           pieces of templora.py (score_block with a Window, lora_disabled, train_block). Theirs:
+  block    one Temp-LoRA eval block end to end: score base, score adapter, train --epochs steps. Ours:
+           templora.eval_block, the block of templora.evaluate, on two fresh Windows. Theirs:
            bench/templora_hf.py (disable_adapter(), full forwards of context + block, like the official code).
   peak     large square torch.matmul in float32 and bfloat16: prefill and step are also reported as a
            fraction of the peak of their dtype (model FLOPs, formulas in bench/flops.py);
@@ -26,7 +26,6 @@ once per run to a temporary directory with save_pretrained (bf16) and loaded by 
 import argparse
 import gc
 import json
-import os
 import platform
 import statistics
 import sys
@@ -38,19 +37,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from flops import forward_flops, train_step_flops  # noqa: E402
-from load_llama import load_model, load_tokenizer, read_json  # noqa: E402
-from lora import add_lora, lora_disabled, remove_lora  # noqa: E402
-from model import KVCache, ModelArgs, generate  # noqa: E402
-from templora import DTYPES, Window, score_block  # noqa: E402
-from templora_hf import add_peft_lora, eval_block_hf, make_optimizer_hf, train_hf  # noqa: E402
-from train_block import make_optimizer, train_block  # noqa: E402
+from bench.common import BOOK, MODEL_DIR, RESULTS
+from bench.flops import prefill_flops, step_flops
+from bench.templora_hf import add_peft_lora, eval_block_hf, make_optimizer_hf, train_hf
+from load_llama import load_model, load_tokenizer, read_json
+from lora import add_lora, lora_parameters, remove_lora
+from model import KVCache, generate
+from protocol import Window
+from templora import DTYPES, TempLoRAConfig, eval_block
+from train_block import make_optimizer, train_block
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_SMOLLM2 = Path("~/.cache/templora-assets/smollm2-135m-instruct").expanduser()
-DEFAULT_BOOK = HERE.parent.parent / "shared" / "data" / "pg19-templora40" / "349.txt"
 # ratio ours / theirs wanted for each benchmark; the adapter step on the 1B model should reach half the bf16 peak
 TARGETS = {"prefill": 1.0, "decode": 1.5, "step": 1.5, "block": 2.0}
 STEP_PEAK_TARGET = {"llama1b": 0.5}
@@ -64,28 +60,9 @@ LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num
                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
 
 
-# ----------------------------------------------------------------------------- FLOPs (model FLOPs: the useful work)
-#
-# The formulas, with their reasons, are in bench/flops.py: a forward is 2 FLOPs per weight per token for the
-# block linears, 2*d*V per logits row for the head, 4*n_heads*head_dim per (query, key) pair for attention,
-# 2*r*(in+out) per token per wrapped linear for LoRA; an adapter step is 2x(linears + head) + 3x(attention +
-# LoRA) of its forward (the frozen base needs input gradients only). The work of a task is counted once and
-# used for both implementations, so work one of them wastes (e.g. transformers' logits on context positions
-# that carry no loss) is not counted, and the two fractions of peak compare like the two speeds.
-
-def causal_pairs(T: int) -> int:
-    """(query, key) pairs of causal attention over T tokens: query i sees keys 0..i."""
-    return T * (T + 1) // 2
-
-
-def prefill_flops(a: ModelArgs, T: int) -> float:
-    """Forward of T tokens into an empty cache, logits of the last position only."""
-    return sum(forward_flops(a, T, causal_pairs(T), logits=1).values())
-
-
-def step_flops(a: ModelArgs, T: int, n_loss: int, rank: int) -> float:
-    """One adapter step on a T-token window with the loss (and so the head) on its last n_loss tokens."""
-    return train_step_flops(forward_flops(a, T, causal_pairs(T), logits=n_loss, lora_rank=rank))
+# FLOPs are model FLOPs (the useful work), from bench/flops.py: the work of a task is counted once and used
+# for both implementations, so work one of them wastes (e.g. transformers' logits on context positions that
+# carry no loss) is not counted, and the two fractions of peak compare like the two speeds.
 
 
 # ----------------------------------------------------------------------------- timing
@@ -231,7 +208,7 @@ def bench_decode(ours, theirs, ids, a, log) -> dict:
 
 def bench_step(ours, peft_model, ids, a, log) -> dict:
     context, block = ids[: a.context], ids[a.context: a.seq]
-    opt_ours, opt_theirs = make_optimizer(ours, a.lr), make_optimizer_hf(peft_model, a.lr)
+    opt_ours, opt_theirs = make_optimizer(lora_parameters(ours), a.lr), make_optimizer_hf(peft_model, a.lr)
     def run_ours(_):
         return train_block(ours, opt_ours, context, block, a.lr, epochs=1)
 
@@ -251,15 +228,11 @@ def bench_block(ours, peft_model, ids, a, log) -> dict:
     block, the same work as the official full forward (in the eval loop with W = L_T + Δ and L_x = L_T every
     block is such a recompute; a larger W lets ours reuse the cache and do less)."""
     start, end = a.context, a.seq
-    opt_ours, opt_theirs = make_optimizer(ours, a.lr), make_optimizer_hf(peft_model, a.lr)
+    opt_ours, opt_theirs = make_optimizer(lora_parameters(ours), a.lr), make_optimizer_hf(peft_model, a.lr)
+    cfg = TempLoRAConfig(delta=end - start, context=a.context, window=a.seq, keep=a.context, epochs=a.epochs)
 
     def run_ours(windows):
-        base_win, lora_win = windows
-        with lora_disabled(ours):
-            nll_base = score_block(ours, base_win, ids, start, end)
-        nll_templora = score_block(ours, lora_win, ids, start, end)
-        losses = train_block(ours, opt_ours, ids[start - a.context: start], ids[start:end], a.lr, a.epochs)
-        return {"nll_base": nll_base, "nll_templora": nll_templora, "train_loss": losses}
+        return eval_block(ours, ids, start, end, *windows, opt_ours, a.lr, cfg)
 
     def run_theirs(_):
         return eval_block_hf(peft_model, opt_theirs, ids, start, end, a.context, a.lr, a.epochs)
@@ -359,7 +332,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: both (--quick: smollm2)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per benchmark (default 5, --quick 2)")
     p.add_argument("--quick", action="store_true", help="smollm2, short sequences, 2 rounds: about 2 minutes")
-    p.add_argument("--out", default=str(HERE / "results" / "speed.json"))
+    p.add_argument("--out", default=str(RESULTS / "speed.json"))
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
                    help="base weights; both store the adapter in float32 (ours multiplies it in this dtype, "
                         "peft in float32)")
@@ -378,8 +351,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-size", type=int, default=None, help="matmul size for the peak (default 4096, --quick 2048)")
     p.add_argument("--bandwidth-mib", type=int, default=None,
                    help="tensor read for the bandwidth (default 2048, --quick 512)")
-    p.add_argument("--smollm2-dir", default=str(DEFAULT_SMOLLM2))
-    p.add_argument("--book", default=str(DEFAULT_BOOK), help="text whose tokens feed SmolLM2")
+    p.add_argument("--smollm2-dir", default=str(MODEL_DIR))
+    p.add_argument("--book", default=str(BOOK), help="text whose tokens feed SmolLM2")
     p.add_argument("--llama1b-layers", type=int, default=16, help="fewer layers for a fast check of the 1B shapes")
     a = p.parse_args(argv)
     quick = a.quick

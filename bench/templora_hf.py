@@ -12,8 +12,6 @@ Left out on purpose, each of which would only slow the baseline down: accelerate
 the all-ones attention_mask, `enable_input_require_grads()` (needed only for gradient checkpointing),
 and the official's second scoring pass over an eval copy of the data.
 """
-import math
-
 import torch
 from torch import nn
 
@@ -86,20 +84,3 @@ def eval_block_hf(model: nn.Module, optimizer: torch.optim.Optimizer, ids: list[
     losses = train_hf(model, optimizer, ids, start, end, context, lr, epochs)
     return {"start": start, "tokens": end - start, "nll_base": nll_base, "nll_templora": nll_templora,
             "train_loss": losses}
-
-
-def evaluate_hf(model: nn.Module, ids: list[int], delta: int = 1024, context: int = 3072, lr: float = 5e-5,
-                epochs: int = 2, warmup_blocks: int = 2) -> dict:
-    """The official protocol over a whole text, for cross-checks against templora.evaluate: token 0 is
-    context only, then blocks of `delta`, each seeing at most `context` tokens before it.
-    `model` is a peft model with a fresh adapter; the warm-up matches templora.lr_at."""
-    optimizer = make_optimizer_hf(model, lr)
-    chunks = []
-    for block, start in enumerate(range(1, len(ids), delta)):
-        end = min(start + delta, len(ids))
-        block_lr = lr * min(1.0, (block + 1) / max(1, warmup_blocks))
-        chunks.append(eval_block_hf(model, optimizer, ids, start, end, context, block_lr, epochs))
-    n = sum(c["tokens"] for c in chunks)
-    return {"ppl_base": math.exp(sum(c["nll_base"] for c in chunks) / n),
-            "ppl_templora": math.exp(sum(c["nll_templora"] for c in chunks) / n),
-            "scored_tokens": n, "chunks": chunks}

@@ -2,28 +2,19 @@
 
 (Their figures come from real runs documented in README.md; here only the plumbing is checked, so that
 the scripts do not rot. Speed is never asserted.)"""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
+from bench import memory, precision
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
 TINY = ["--delta", "32", "--context", "32", "--window", "96", "--keep", "32"]
-
-
-def load_bench(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_precision_compares_fp32_and_bf16(ckpt, book, tmp_path, capsys):
     out = tmp_path / "precision.json"
-    rc = load_bench("precision").main(["--model", str(ckpt), "--text", str(book), "--tokens", "100",
+    rc = precision.main(["--model", str(ckpt), "--text", str(book), "--tokens", "100",
                                        "--threads", "1", "--out", str(out), *TINY])
     r = json.loads(out.read_text())
     assert rc == (0 if r["within_bound"] else 1)
@@ -37,7 +28,6 @@ def test_precision_compares_fp32_and_bf16(ckpt, book, tmp_path, capsys):
 
 def test_memory_reports_a_peak_per_run(ckpt, book, tmp_path):
     out = tmp_path / "memory.json"
-    memory = load_bench("memory")
     rc = memory.main(["--model", str(ckpt), "--text", str(book), "--tokens", "128", "--threads", "1",
                       "--base-window", "128", "--out", str(out), *TINY])
     assert rc == 0
@@ -50,3 +40,27 @@ def test_memory_reports_a_peak_per_run(ckpt, book, tmp_path):
     with pytest.raises(ValueError, match="fewer than N=1000"):  # a text too short for N is an error
         memory.main(["--model", str(ckpt), "--text", str(book), "--tokens", "1000", "--skip", "load,base",
                      "--threads", "1", "--out", str(tmp_path / "m2.json"), *TINY])
+
+
+def _result(path, book, tokens, nll_per_token):
+    chunks = [{"start": s, "tokens": 1024, "nll_base": 1024 * nll_per_token, "nll_templora": 1024 * (nll_per_token - 0.1),
+               "flops": {"score_base": 1.0, "score_templora": 2.0, "train": 3.0}} for s in range(1, tokens, 1024)]
+    r = {"book": book, "scored_tokens": tokens, "chunks": chunks, "command": "test",
+         "timings": {"score_base_s": 1.0, "score_templora_s": 2.0, "train_s": 3.0}}
+    path.write_text(json.dumps(r))
+
+
+def test_compare_tabulates_every_row_and_refuses_different_books(tmp_path, capsys):
+    from bench import compare
+    for book in ("1", "2"):
+        _result(tmp_path / f"main-{book}.json", book, 8192, 3.0)
+        _result(tmp_path / f"base-w8192-{book}.json", book, 8192, 2.9)
+    assert compare.main(["--results", str(tmp_path)]) == 0
+    table = (tmp_path / "compare.md").read_text()
+    assert (tmp_path / "compare.png").stat().st_size > 0
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    assert f"**{math.exp(3.0):.2f}**" in rows["base, W=2K"] and f"**{math.exp(2.9):.2f}**" in rows["Temp-LoRA, W=2K"]
+    assert f"{2 * 8 * 5.0:.3g}" in rows["Temp-LoRA, W=2K"]  # score_templora + train FLOPs of 8 blocks x 2 books
+    _result(tmp_path / "base-w8192-2.json", "3", 8192, 2.9)  # one row now covers another book
+    assert compare.main(["--results", str(tmp_path)]) == 2
+    assert "covers books" in capsys.readouterr().err

@@ -1,0 +1,135 @@
+"""One table and one plot for every long-context method, scored by the same block protocol on the same books.
+
+    python -m bench.compare          # reads bench/results, writes bench/results/compare.md and compare.png
+
+Each row reads result JSONs that a benchmark already wrote (protocol.evaluate_blocks's shape: `chunks` with
+`nll_<scorer>`, and `timings`) and takes one scorer from them. All rows must cover the same books and the
+same scored tokens, or the table is refused: perplexities of different texts do not compare. A method
+joins the table with one `Row` below.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+from bench.common import RESULTS
+from protocol import perplexity, position_buckets
+
+BUCKETS = position_buckets((0, 4096, 8192, 16384, 32768))
+
+
+class Row(NamedTuple):
+    label: str
+    files: str                 # glob of result JSONs in the results folder, one per book
+    scorer: str                # which nll_<scorer> of those results
+    flop_phases: tuple = ()    # phases of the blocks' "flops" that are this method's cost (empty: not counted)
+    time_keys: tuple = ()      # keys of "timings" that are this method's wall time
+    memory_run: str | None = None  # run in memory.json (peak RSS of a fresh process, book 349) if measured
+
+
+ROWS = [
+    Row("base, W=2K", "main-*.json", "base", ("score_base",), ("score_base_s",)),
+    Row("base, W=8K (full context)", "base-w8192-*.json", "base", ("score_base",), ("score_base_s",), "base_32768"),
+    Row("Temp-LoRA, W=2K", "main-*.json", "templora", ("score_templora", "train"), ("score_templora_s", "train_s"),
+        "templora_32768"),
+]
+
+
+def load_row(row: Row, folder: Path) -> list[dict]:
+    files = sorted(folder.glob(row.files))
+    if not files:
+        raise ValueError(f"{row.label}: no results match {folder / row.files}")
+    results = [json.loads(f.read_text()) for f in files]
+    for f, r in zip(files, results):
+        if f"nll_{row.scorer}" not in r["chunks"][0]:
+            raise ValueError(f"{f}: has no nll_{row.scorer} (row {row.label!r})")
+    return results
+
+
+def book_of(r: dict) -> str:
+    return Path(r.get("book") or r["text"]).stem
+
+
+def summarise(row: Row, results: list[dict], memory: dict) -> dict:
+    chunks = [c for r in results for c in r["chunks"]]
+    by_position = {}
+    for lo, hi, name in BUCKETS:
+        inside = [c for c in chunks if lo <= c["start"] < hi]
+        if inside:
+            by_position[name] = perplexity(inside, row.scorer)
+    counted = row.flop_phases and all("flops" in c for c in chunks)
+    run = memory.get("runs", {}).get(row.memory_run) if row.memory_run else None
+    return {"label": row.label, "by_position": by_position, "all": perplexity(chunks, row.scorer),
+            "flops": sum(c["flops"][p] for c in chunks for p in row.flop_phases) if counted else None,
+            "wall_s": sum(r["timings"][k] for r in results for k in row.time_keys) if row.time_keys else None,
+            "peak_rss_mib": run["peak_rss_mib"] if run else None,
+            "books": sorted(book_of(r) for r in results), "tokens": sorted({r["scored_tokens"] for r in results}),
+            "commands": sorted({r.get("command", "templora.py eval") for r in results})}
+
+
+def markdown(rows: list[dict]) -> str:
+    names = [n for _, _, n in BUCKETS if any(n in r["by_position"] for r in rows)]
+    ref = rows[0]["all"]
+    out = ["| method | " + " | ".join(names) + " | all | vs " + rows[0]["label"] + " | FLOPs | wall s | peak RSS MiB |",
+           "|---" * (len(names) + 6) + "|"]
+    for r in rows:
+        cells = [f"{r['by_position'][n]:.2f}" if n in r["by_position"] else "" for n in names]
+        flops = f"{r['flops']:.3g}" if r["flops"] is not None else "—"
+        wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "—"
+        peak = f"{r['peak_rss_mib']:.0f}" if r["peak_rss_mib"] is not None else "—"
+        out.append(f"| {r['label']} | " + " | ".join(cells) + f" | **{r['all']:.2f}** | "
+                   f"{100 * (r['all'] / ref - 1):+.1f}% | {flops} | {wall} | {peak} |")
+    first = rows[0]
+    out += ["", f"Perplexity = exp(mean NLL) by position of the block in the book, pooled over books "
+            f"{', '.join(first['books'])} ({first['tokens'][0]} scored tokens each). FLOPs and wall time: the "
+            "method's own work summed over those books (bench/flops.py; wall time on the machine that ran it). "
+            "Peak RSS: bench/results/memory.json (a fresh process per run, book 349, 32K tokens); — where not "
+            "measured. Produced by: " + "; ".join(f"`{c}`" for c in sorted({c for r in rows for c in r["commands"]}))]
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in rows:
+        ax.plot(list(r["by_position"]), list(r["by_position"].values()), "o-", label=r["label"])
+    ax.set(xlabel="position of the block in the book (tokens)", ylabel="perplexity (exp mean NLL)")
+    ax.set_title(f"Same books, same blocks: {', '.join(rows[0]['books'])}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default=str(RESULTS), help="folder of result JSONs (and memory.json)")
+    p.add_argument("--out", default=None, help="folder for compare.md and compare.png (default: --results)")
+    a = p.parse_args(argv)
+    folder, out = Path(a.results), Path(a.out or a.results)
+    try:
+        memory_file = folder / "memory.json"
+        memory = json.loads(memory_file.read_text()) if memory_file.exists() else {}
+        rows = [summarise(row, load_row(row, folder), memory) for row in ROWS]
+        for r in rows[1:]:
+            if (r["books"], r["tokens"]) != (rows[0]["books"], rows[0]["tokens"]):
+                raise ValueError(f"{r['label']!r} covers books {r['books']} x {r['tokens']} tokens, but "
+                                 f"{rows[0]['label']!r} covers {rows[0]['books']} x {rows[0]['tokens']}")
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    table = markdown(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "compare.md.tmp"
+    tmp.write_text(table)
+    tmp.replace(out / "compare.md")
+    plot(rows, out / "compare.png")
+    print(table + f"\n-> {out / 'compare.md'}, {out / 'compare.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
