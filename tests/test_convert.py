@@ -2,6 +2,8 @@
 package (llama.cpp's own writer and quantizers); its reader and dequantizer, `tokenizers` and
 `transformers` are the oracles."""
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -212,3 +214,12 @@ def test_cli_runs_as_a_module_and_as_a_script_and_bad_input_is_one_line_with_exi
     (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")  # truncated after the version
     bad = run("tools/smollm2.py", "--gguf", str(tmp_path / "bad.gguf"), str(tmp_path / "out2"))
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr
+
+
+def test_written_files_and_directory_get_plain_modes_not_the_private_ones_of_temporary_files(converted):
+    _, out = converted
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    for name in ["config.json", "model.safetensors", "tokenizer.json"]:
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~mask, name

@@ -259,12 +259,19 @@ def hf_tokenizer(meta: dict) -> dict:
     }
 
 
+def umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, write) -> None:
     """write(temp_path), then rename it to `path`: no reader ever sees half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.tmp-")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it private (0600); give it a plain file's mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -308,7 +315,8 @@ def convert(gguf_path: Path, out: Path, progress=None) -> Path:
             state[hf_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w)).to(torch.bfloat16)
         write_atomic(tmp / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
         write_json(tmp / "config.json", config)
-        write_json(tmp / "tokenizer.json", tokenizer, indent=None)  # 3 MB, read by programs only
+        write_json(tmp / "tokenizer.json", tokenizer, indent=None)  # 1.8 MB on one line, read by programs only
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private (0700)
         os.rename(tmp, out)  # the last step: `out` appears complete or not at all
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
