@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from load_llama import args_from_config, load_llama, load_tokenizer
 from model import apply_rope, rope_cos_sin
@@ -116,12 +117,11 @@ def interleaved_rope(x: torch.Tensor, theta: float) -> torch.Tensor:
 
 def test_converted_q_k_with_rotate_half_rope_give_the_same_attention_scores_as_gguf_rows_with_interleaved_rope(converted):
     gguf_path, out = converted
-    from safetensors.torch import load_file
     hf = load_file(out / "model.safetensors")
     args = args_from_config(json.loads((out / "config.json").read_text()))
     raw = {t.name: torch.tensor(gguf.quants.dequantize(t.data, t.tensor_type).reshape(t.shape[::-1].tolist()))
            for t in gguf.GGUFReader(gguf_path).tensors}
-    x = torch.randn(10, DIM)
+    x = torch.randn(10, DIM, generator=torch.Generator().manual_seed(0))
     cos, sin = rope_cos_sin(args, 0, 10, "cpu")  # (seqlen, head_dim)
     group = HEADS // KV_HEADS
 
