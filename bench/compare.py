@@ -5,7 +5,8 @@
 Each row reads result JSONs that a benchmark already wrote (protocol.evaluate_blocks's shape: `chunks` with
 `nll_<scorer>`, and `timings`) and takes one scorer from them. All rows must cover the same books and the
 same scored tokens, or the table is refused: perplexities of different texts do not compare. A method
-joins the table with one `Row` below.
+joins the table with one `Row` below; a row whose results do not exist yet is listed under the table with
+the command that makes them, never silently dropped.
 """
 import argparse
 import json
@@ -26,6 +27,7 @@ class Row(NamedTuple):
     flop_phases: tuple = ()    # phases of the blocks' "flops" that are this method's cost (empty: not counted)
     time_keys: tuple = ()      # keys of "timings" that are this method's wall time
     memory_run: str | None = None  # run in memory.json (peak RSS of a fresh process, book 349) if measured
+    command: str = "python -m bench.replicate"  # what writes the results
 
 
 ROWS = [
@@ -38,8 +40,6 @@ ROWS = [
 
 def load_row(row: Row, folder: Path) -> list[dict]:
     files = sorted(folder.glob(row.files))
-    if not files:
-        raise ValueError(f"{row.label}: no results match {folder / row.files}")
     results = [json.loads(f.read_text()) for f in files]
     for f, r in zip(files, results):
         if f"nll_{row.scorer}" not in r["chunks"][0]:
@@ -65,21 +65,22 @@ def summarise(row: Row, results: list[dict], memory: dict) -> dict:
             "wall_s": sum(r["timings"][k] for r in results for k in row.time_keys) if row.time_keys else None,
             "peak_rss_mib": run["peak_rss_mib"] if run else None,
             "books": sorted(book_of(r) for r in results), "tokens": sorted({r["scored_tokens"] for r in results}),
-            "commands": sorted({r.get("command", "templora.py eval") for r in results})}
+            "commands": sorted({r.get("command", "templora.py eval") for r in results}),
+            "run_on": ", ".join(sorted({f"{r.get('dtype', '?')} on {r.get('device', '?')}" for r in results}))}
 
 
 def markdown(rows: list[dict]) -> str:
     names = [n for _, _, n in BUCKETS if any(n in r["by_position"] for r in rows)]
     ref = rows[0]["all"]
-    out = ["| method | " + " | ".join(names) + " | all | vs " + rows[0]["label"] + " | FLOPs | wall s | peak RSS MiB |",
-           "|---" * (len(names) + 6) + "|"]
+    out = ["| method | " + " | ".join(names) + " | all | vs " + rows[0]["label"] + " | FLOPs | wall s | peak RSS MiB | run on |",
+           "|---" * (len(names) + 7) + "|"]
     for r in rows:
         cells = [f"{r['by_position'][n]:.2f}" if n in r["by_position"] else "" for n in names]
         flops = f"{r['flops']:.3g}" if r["flops"] is not None else "—"
         wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "—"
         peak = f"{r['peak_rss_mib']:.0f}" if r["peak_rss_mib"] is not None else "—"
         out.append(f"| {r['label']} | " + " | ".join(cells) + f" | **{r['all']:.2f}** | "
-                   f"{100 * (r['all'] / ref - 1):+.1f}% | {flops} | {wall} | {peak} |")
+                   f"{100 * (r['all'] / ref - 1):+.1f}% | {flops} | {wall} | {peak} | {r['run_on']} |")
     first = rows[0]
     out += ["", f"Perplexity = exp(mean NLL) by position of the block in the book, pooled over books "
             f"{', '.join(first['books'])} ({first['tokens'][0]} scored tokens each). FLOPs and wall time: the "
@@ -113,7 +114,11 @@ def main(argv=None) -> int:
     try:
         memory_file = folder / "memory.json"
         memory = json.loads(memory_file.read_text()) if memory_file.exists() else {}
-        rows = [summarise(row, load_row(row, folder), memory) for row in ROWS]
+        loaded = [(row, load_row(row, folder)) for row in ROWS]
+        missing = [row for row, results in loaded if not results]
+        rows = [summarise(row, results, memory) for row, results in loaded if results]
+        if not rows:
+            raise ValueError(f"no results in {folder} for any row")
         for r in rows[1:]:
             if (r["books"], r["tokens"]) != (rows[0]["books"], rows[0]["tokens"]):
                 raise ValueError(f"{r['label']!r} covers books {r['books']} x {r['tokens']} tokens, but "
@@ -122,6 +127,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     table = markdown(rows)
+    if missing:
+        table += "\nNot run yet (no results in the folder):\n" + "".join(
+            f"- {row.label}: `{row.command}` writes {row.files}\n" for row in missing)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "compare.md.tmp"
     tmp.write_text(table)
