@@ -207,8 +207,9 @@ class LinearAttention(nn.Module):
 
 def linearize(model: Transformer, chunk: int = 128, form: str = "chunked") -> list[Attention]:
     """Put a LinearAttention in place of every layer's softmax attention, reusing the layer's wq, wk, wv, wo.
-    Returns the softmax modules it replaced (they share those linears): LoLCATs' attention transfer runs
-    them as teachers. Afterwards the model takes a RecurrentState where it took a KVCache."""
+    Returns the softmax modules it replaced (they share those linears; a LoRA added later wraps the ones in
+    the LinearAttention, so the teachers stay the pretrained softmax attention): LoLCATs' attention transfer
+    runs them as teachers. Afterwards the model takes a RecurrentState where it took a KVCache."""
     teachers = []
     for i, layer in enumerate(model.layers):
         if not isinstance(layer.attention, Attention):
