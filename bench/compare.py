@@ -30,11 +30,20 @@ class Row(NamedTuple):
     command: str = "python -m bench.replicate"  # what writes the results
 
 
+SUPRA_COMMAND = ("python -m bench.supra --device cuda --model DIR --books-dir DIR --train-books-dir DIR "
+                 "--out bench/results")
+
 ROWS = [
     Row("base, W=2K", "main-*.json", "base", ("score_base",), ("score_base_s",)),
     Row("base, W=8K (full context)", "base-w8192-*.json", "base", ("score_base",), ("score_base_s",), "base_32768"),
     Row("Temp-LoRA, W=2K", "main-*.json", "templora", ("score_templora", "train"), ("score_templora_s", "train_s"),
         "templora_32768"),
+    # bench/supra.py (one GPU run): its own base W=2K reference, and two linearised models with no window
+    Row("base, W=2K (bench.supra run)", "supra-base-w2048-*.json", "base", (), ("score_base_s",),
+        command=SUPRA_COMMAND),
+    Row("SUPRA linearised, no window", "supra-supra-*.json", "supra", (), ("total_s",), command=SUPRA_COMMAND),
+    Row("LoLCATs recipe, linearised, no window", "supra-lolcats-*.json", "lolcats", (), ("total_s",),
+        command=SUPRA_COMMAND),
 ]
 
 
