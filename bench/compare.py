@@ -30,11 +30,21 @@ class Row(NamedTuple):
     command: str = "python -m bench.replicate"  # what writes the results
 
 
+UIO = "python -m bench.uio --model DIR --books-dir DIR --train-books-dir DIR --device cuda --out bench/results"
+UIO_COST = dict(flop_phases=("decode", "encode"), time_keys=("decode_s", "encode_s"), command=UIO)
+
 ROWS = [
     Row("base, W=2K", "main-*.json", "base", ("score_base",), ("score_base_s",)),
     Row("base, W=8K (full context)", "base-w8192-*.json", "base", ("score_base",), ("score_base_s",), "base_32768"),
     Row("Temp-LoRA, W=2K", "main-*.json", "templora", ("score_templora", "train"), ("score_templora_s", "train_s"),
         "templora_32768"),
+    # UIO-LLMs (bench/uio.py): segments of 1024 = the blocks, 32 memory tokens each; its own base W=2K reference
+    Row("base, W=2K (UIO's run)", "uio-base-w2048-*.json", "base", ("score_base",), ("score_base_s",), command=UIO),
+    Row("UIO, no memory (segment-local)", "uio-nomemory-*.json", "uio", **UIO_COST),
+    Row("UIO, untrained memory", "uio-untrained-*.json", "uio", **UIO_COST),
+    Row("UIO, trained with recent-only BPTT", "uio-recent-*.json", "uio", **UIO_COST),
+    Row("UIO, trained with reservoir BPTT (unbiased)", "uio-reservoir-*.json", "uio", **UIO_COST),
+    Row("UIO, trained with full BPTT", "uio-full-*.json", "uio", **UIO_COST),
 ]
 
 

@@ -30,8 +30,8 @@ Differences from the official code (wenhaoli-xmu/UIO-LLMs, src/modifiers/modify_
 - attention is the core model's: scale 1/sqrt(head_dim) and grouped-query attention (official: sqrt(128)
   hard-coded, no GQA), RoPE at the true positions (official: a table of 4096 positions);
 - the memory tokens follow the segment with plain causal attention (official: memory token i sits at
-  position (i+1)*L/M and sees the first (i+1)*L/M tokens and itself); e is M vectors that start as the mean
-  token embedding (official: one vector repeated M times, from the embedding of token 2);
+  position (i+1)*L/M and sees the first (i+1)*L/M tokens and itself); e is M vectors, which start as copies
+  of one token's embedding (official: one vector repeated M times, from the embedding of token 2);
 - the reservoir's 1/p_t weights (the released train.py samples the reservoir without them).
 """
 import math
@@ -59,6 +59,7 @@ class UIOConfig:
     alpha: float = 512.0         # LoRA scale alpha / r
     bptt: str = "reservoir"      # which encoder graphs stay alive in training: full, recent, reservoir
     keep: int = 2                # k: live encoder graphs of "recent" and "reservoir" (official tbptt = 2)
+    memory_init: int | None = None  # token whose embedding every row of e starts from (None: the mean embedding)
     seed: int = 0                # LoRA A's initialisation
 
 
@@ -111,8 +112,10 @@ class UIO:
         self.model, self.cfg = model, cfg
         emb = model.tok_embeddings.weight
         generator = torch.Generator(device=emb.device).manual_seed(cfg.seed)
-        # e starts as M copies of the mean token embedding, a neutral input; trained in float32 (as the LoRAs)
-        self.memory = nn.Parameter(emb.detach().float().mean(0).repeat(cfg.memories, 1))       # (M, dim)
+        # e starts as M copies of one token's embedding (the official code: token 2, Llama 2's </s>) or of the
+        # mean embedding; it trains in float32, as the LoRAs do
+        start = emb[cfg.memory_init] if cfg.memory_init is not None else emb.mean(0)
+        self.memory = nn.Parameter(start.detach().float().repeat(cfg.memories, 1))              # (M, dim)
         self.switches: dict[tuple[int, str], Switch] = {}
         last = len(model.layers) - 1
         for i, layer in enumerate(model.layers):

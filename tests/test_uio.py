@@ -184,23 +184,29 @@ def test_the_reservoir_keeps_each_earlier_segment_with_probability_k_over_t():
             assert abs(counts[t][s] / runs - p) < 4.5 * (p * (1 - p) / runs) ** 0.5 + 1e-9, (t, s)
 
 
-def test_reservoir_gradient_is_unbiased_and_recent_only_is_not():
-    """The mean of N reservoir estimates converges to the full-BPTT gradient G: its error is within 3 standard
-    errors (sqrt(trace of the estimates' covariance / N), measured). The recent-only estimate has no randomness
-    and misses every path longer than k segments: its error is more than 3x that tolerance."""
+def mean_and_tolerance(model, uio, ids, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean of n reservoir estimates and 3 standard errors of it: 3 sqrt(trace of their covariance / n)."""
+    samples = torch.stack([gradient(model, uio, ids, seed=s) for s in range(n)])
+    assert samples.var(0).sum() > 0  # a random estimate
+    return samples.mean(0), 3 * (samples.var(0).sum() / n).sqrt()
+
+
+def test_reservoir_gradient_is_unbiased_and_recent_only_is_not(monkeypatch):
+    """The mean of 64 reservoir estimates converges to the full-BPTT gradient: its error is within 3 standard
+    errors (measured). The recent-only estimate has no randomness and misses every path longer than k segments:
+    its error is more than 3x that tolerance. So is the reservoir's without the 1/p_t weights (the official's)."""
     model, uio, ids = small_uio("full")
     exact = gradient(model, uio, ids)
     uio.cfg.bptt = "recent"
     recent = gradient(model, uio, ids)
     uio.cfg.bptt = "reservoir"
-    n = 64
-    samples = torch.stack([gradient(model, uio, ids, seed=s) for s in range(n)])
-    error = (samples.mean(0) - exact).norm()
-    tolerance = 3 * (samples.var(0).sum() / n).sqrt()
-    assert samples.var(0).sum() > 0                      # it is a random estimate
-    assert tolerance < 0.2 * exact.norm()                # and N is large enough for the test to mean something
-    assert error < tolerance
+    mean, tolerance = mean_and_tolerance(model, uio, ids, 64)
+    assert tolerance < 0.2 * exact.norm()  # 64 samples are enough for the test to mean something
+    assert (mean - exact).norm() < tolerance
     assert (recent - exact).norm() > 3 * tolerance
+    monkeypatch.setattr("methods.uio.memory_weight", lambda bptt, t, k: 1.0)
+    unweighted, tolerance = mean_and_tolerance(model, uio, ids, 32)
+    assert (unweighted - exact).norm() > 3 * tolerance
 
 
 def test_training_changes_only_the_uio_tensors_and_removal_restores_the_base_model():
