@@ -10,8 +10,8 @@ error, never mixed in), every result written atomically as soon as it is complet
 1. train    for each --train-variants truncation (recent, reservoir, full): --train-texts texts of
             --train-segments segments of --segment tokens from --train-books-dir (the first window of every book,
             then the second, ...), one AdamW step per text. Writes train-<variant>/uio.safetensors (e and both
-            LoRAs) and uio.json (settings, losses, tokens seen), and checkpoint.safetensors (+ AdamW moments)
-            every --save-every steps, from which an interrupted run resumes.
+            LoRAs) and uio.json (settings, losses, tokens seen); while it trains, checkpoint.safetensors
+            (+ AdamW moments) every --save-every steps, from which an interrupted run resumes.
 2. eval     every --book-ids book of --books-dir, the first --tokens scored tokens, blocks of Δ = --segment
             (protocol.evaluate_blocks): base-w<W> (the base model, sliding window W: the reference, same run),
             nomemory (each segment alone), untrained (fresh adapters and e), and each trained variant.
@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reservoir", type=int, default=2, help="k: live encoder graphs of recent and reservoir")
     p.add_argument("--train-variants", default="recent,reservoir,full",
                    help=f"truncations to train, from {', '.join(BPTT_MODES)}")
-    p.add_argument("--train-texts", type=int, help=f"texts (= optimizer steps) per variant (full {full['train_texts']})")
+    p.add_argument("--train-texts", type=int, help=f"texts = optimizer steps per variant (full {full['train_texts']})")
     p.add_argument("--train-segments", type=int, help=f"segments per training text (full {full['train_segments']})")
     p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW lr: warm-up 1%% of the steps, cosine to 0")
     p.add_argument("--betas", default="0.9,0.95")
@@ -284,6 +284,7 @@ def train_variant(a: argparse.Namespace, model, texts: list[tuple[str, list[int]
                    "stopped_by_time": state["stopped_by_time"], "device": a.device, "command": COMMAND,
                    "parameters": sum(t.numel() for t in tensors.values()), "adapters": str(folder / "uio.safetensors")}
         write_json(folder / "uio.json", summary)
+        ckpt.unlink()  # finished: uio.json marks it done, and the AdamW moments are twice the adapters' size
         first, last = state["losses"][: max(1, steps // 8)], state["losses"][-max(1, steps // 8):]
         log(f"train {variant}: {steps} steps, {summary['tokens_seen']} tokens in {state['seconds']:.0f} s; loss "
             f"{sum(first) / len(first):.4f} (first eighth) -> {sum(last) / len(last):.4f} (last eighth)")
@@ -318,7 +319,8 @@ def evaluate_variant(a: argparse.Namespace, model, variant: str, ids: list[int],
             result = evaluate_blocks(ids, a.segment, step, progress)
         phases = ("score_base",)
     else:
-        uio = None if variant == "nomemory" else UIO(model, uio_config(a, variant if variant in BPTT_MODES else "reservoir"))
+        bptt = variant if variant in BPTT_MODES else "reservoir"  # untrained: any, it never trains
+        uio = None if variant == "nomemory" else UIO(model, uio_config(a, bptt))
         try:
             if training is not None:
                 uio.load(load_file(training["adapters"], device=str(device)))
@@ -414,7 +416,6 @@ def run(a: argparse.Namespace) -> None:
     # untrained, book 349, 8 blocks of 256 tokens, M = 16) the memory hurt least from BOS: perplexity 50 without
     # memory, then 194, 124, 86, 98
     a.memory_init = tok.bos_id
-    device = model.tok_embeddings.weight.device
     label = model_label(a.model)
     log(f"{label}: {a.dtype} on {a.device}; UIO L={a.segment} M={a.memories} r={a.rank} α={a.alpha:g} k={a.reservoir}")
     # every check before the first minute of compute, not after it
@@ -469,7 +470,8 @@ def run(a: argparse.Namespace) -> None:
         write_json(path, settings | scaling(a, model, books[a.book_ids[0]], scaling_text, trained)
                    | {"command": COMMAND, "model_label": label})
     table = summary_table(results)
-    print(f"# UIO-LLMs, {label}: perplexity by position, books {', '.join(a.book_ids)}, {a.tokens} tokens each\n\n{table}")
+    print(f"# UIO-LLMs, {label}: perplexity by position, books {', '.join(a.book_ids)}, {a.tokens} tokens each\n")
+    print(table)
 
 
 def main(argv=None) -> int:

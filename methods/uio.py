@@ -134,7 +134,8 @@ class UIO:
             switch.mode = mode
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Every trained tensor by a stable name (what is saved): memory, layers.{i}.attention.{wq|wk|wv}.{role}.lora_{a|b}."""
+        """Every trained tensor by a stable name (what is saved):
+        memory, layers.{i}.attention.{wq|wk|wv}.{encoder|decoder}.lora_{a|b}."""
         out = {"memory": self.memory}
         for (i, name), switch in self.switches.items():
             for role in ("encoder", "decoder"):
@@ -179,7 +180,7 @@ def encode(model: Transformer, uio: UIO, segment: torch.Tensor) -> list[torch.Te
     cos, sin = rope_cos_sin(model.args, 0, h.shape[1], h.device)                           # positions 0 .. L+M-1
     memory = []
     for i, layer in enumerate(model.layers):
-        memory.append(layer.attention_norm(h[:, -M:]))   # x^l (1, M, dim): RMSNorm is per position, so norm the M rows only
+        memory.append(layer.attention_norm(h[:, -M:]))   # x^l (1, M, dim); RMSNorm is per position: M rows suffice
         if i + 1 < len(model.layers):                    # the last layer's output is never read
             h = layer(h, cos, sin, 0)
     return memory
@@ -307,7 +308,8 @@ def text_gradient(model: Transformer, uio: UIO, ids: torch.Tensor, rng: random.R
             release(leaving)
         if joins:
             graphs[t] = encode(model, uio, segment)
-            memories.append([x.detach().float().requires_grad_() for x in graphs[t]])  # float32 leaves: gradients add up there
+            # the leaves are float32: the gradients of every later loss add up on them
+            memories.append([x.detach().float().requires_grad_() for x in graphs[t]])
         else:
             with torch.no_grad():
                 memories.append([x.float() for x in encode(model, uio, segment)])
@@ -349,12 +351,12 @@ class Reader:
         self.model, self.uio, self.ids = model, uio, ids
         M = uio.cfg.memories if uio else 0
         if uio is not None and uio.cfg.segment != delta:
-            raise ValueError(f"UIO segments are {uio.cfg.segment} tokens but the blocks are {delta}: they must be equal")
+            raise ValueError(f"UIO segments are {uio.cfg.segment} tokens but the blocks {delta}: they must be equal")
         blocks = math.ceil((len(ids) - 1) / delta)
         if uio is not None:
             check_sizes(uio.cfg, model.args.max_seq_len, blocks)
         elif delta > model.args.max_seq_len:
-            raise ValueError(f"--delta ({delta}) exceeds the model's max_position_embeddings ({model.args.max_seq_len})")
+            raise ValueError(f"--delta ({delta}) exceeds max_position_embeddings ({model.args.max_seq_len})")
         emb = model.tok_embeddings.weight
         self.cache = KVCache(model.args, 1, (blocks - 1) * M + delta, emb.device, emb.dtype)
         self.memory_end = 0  # positions 0 .. memory_end-1 hold the memories of the segments read so far
