@@ -32,6 +32,8 @@ class Row(NamedTuple):
 
 SUPRA_COMMAND = ("python -m bench.supra --device cuda --model DIR --books-dir DIR --train-books-dir DIR "
                  "--out bench/results")
+UIO = "python -m bench.uio --model DIR --books-dir DIR --train-books-dir DIR --device cuda --out bench/results"
+UIO_COST = dict(flop_phases=("decode", "encode"), time_keys=("decode_s", "encode_s"), command=UIO)
 
 ROWS = [
     Row("base, W=2K", "main-*.json", "base", ("score_base",), ("score_base_s",)),
@@ -44,6 +46,13 @@ ROWS = [
     Row("SUPRA linearised, no window", "supra-supra-*.json", "supra", (), ("total_s",), command=SUPRA_COMMAND),
     Row("LoLCATs recipe, linearised, no window", "supra-lolcats-*.json", "lolcats", (), ("total_s",),
         command=SUPRA_COMMAND),
+    # UIO-LLMs (bench/uio.py): segments of 1024 = the blocks, 32 memory tokens each; its own base W=2K reference
+    Row("base, W=2K (UIO's run)", "uio-base-w2048-*.json", "base", ("score_base",), ("score_base_s",), command=UIO),
+    Row("UIO, no memory (segment-local)", "uio-nomemory-*.json", "uio", **UIO_COST),
+    Row("UIO, untrained memory", "uio-untrained-*.json", "uio", **UIO_COST),
+    Row("UIO, trained with recent-only BPTT", "uio-recent-*.json", "uio", **UIO_COST),
+    Row("UIO, trained with reservoir BPTT (unbiased)", "uio-reservoir-*.json", "uio", **UIO_COST),
+    Row("UIO, trained with full BPTT", "uio-full-*.json", "uio", **UIO_COST),
 ]
 
 

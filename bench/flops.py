@@ -5,6 +5,7 @@ step are O(dim) per token and left out. `FlopCounter` sees every forward call of
 takes its sizes (new tokens, cache position, logits rows) and applies the formulas below.
 """
 import inspect
+from dataclasses import replace
 
 import torch
 
@@ -106,3 +107,22 @@ class FlopCounter:
 
     def __exit__(self, *exc):
         self._hook.remove()
+
+
+def uio_flops(args: ModelArgs, tokens: int, memory_positions: int, memories: int, rank: int,
+              encode: bool) -> dict[str, float]:
+    """One block of UIO-LLMs scoring (methods/uio.py's Reader): the decoder reads `tokens` tokens after
+    `memory_positions` memory keys (the base model, head on every row); then, if `encode`, the encoder reads the
+    same tokens + `memories` memory tokens through all layers but the last (LoRA r on wq, wv) and the decoder's
+    wk, wv (+ LoRA r) turn the memory rows of every layer into keys and values."""
+    decode = forward_flops(args, tokens, tokens * memory_positions + causal_pairs(tokens), logits=tokens)
+    if not encode:
+        return {"decode": sum(decode.values()), "encode": 0.0}
+    n, shapes = tokens + memories, linear_shapes(args)
+    encoder_args = replace(args, n_layers=args.n_layers - 1)  # the last layer's output is never read
+    encoder = sum(forward_flops(encoder_args, n, causal_pairs(n), logits=0).values())
+    encoder += 2 * rank * encoder_args.n_layers * n * sum(i + o for p, (i, o) in shapes.items()
+                                                          if p in ("attention.wq", "attention.wv"))
+    kv = sum(2 * memories * args.n_layers * (i * o + rank * (i + o)) for p, (i, o) in shapes.items()
+             if p in ("attention.wk", "attention.wv"))
+    return {"decode": sum(decode.values()), "encode": encoder + kv}
