@@ -13,14 +13,16 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from lora import add_lora, lora_disabled, lora_parameters, remove_lora
+from methods import bpt
 from model import Transformer, generate
 from protocol import Window, evaluate_blocks, perplexity, position_table, score_block
-from train_block import make_optimizer, train_block
+from train_block import block_loss, make_optimizer, train_block
 
 REPO = Path(__file__).resolve().parent
 
@@ -44,6 +46,8 @@ class TempLoRAConfig:
     cache_reuse: bool = True   # keep K/V computed by older adapters (the paper's cache reuse)
     templora: bool = True      # False: the base model alone, with the same window
     seed: int = 0
+    blockwise: int = 0         # > 0: the adapter step is computed BPT's way in query blocks of this many
+                               # tokens (methods/bpt.py): same loss and gradients, memory of one block
 
 
 def check_config(cfg: TempLoRAConfig, model: Transformer, base_window: int | None = None) -> None:
@@ -68,10 +72,17 @@ def check_config(cfg: TempLoRAConfig, model: Transformer, base_window: int | Non
                         f"max_position_embeddings ({max_len})")
     if cfg.templora and cfg.rank <= 0:
         problems.append(f"--rank must be positive, got {cfg.rank}")
+    if cfg.blockwise < 0:
+        problems.append(f"--blockwise must be >= 0 (0: off), got {cfg.blockwise}")
     if cfg.templora and (cfg.epochs < 1 or not cfg.lr > 0):
         problems.append(f"--epochs must be >= 1 and --lr > 0 (got {cfg.epochs}, {cfg.lr})")
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def adapter_loss(cfg: TempLoRAConfig):
+    """The adapter step's loss: the plain forward, or BPT's blockwise one (same values, less memory)."""
+    return partial(bpt.block_loss, q_block=cfg.blockwise) if cfg.blockwise else block_loss
 
 
 def lr_at(block: int, cfg: TempLoRAConfig) -> float:
@@ -115,7 +126,8 @@ def generate_templora(model: Transformer, prompt: list[int], max_new_tokens: int
             if cfg.templora:
                 # 2. train the adapter on the new block, with the L_T tokens before it as context
                 context = text[max(0, len(text) - len(new) - cfg.context): len(text) - len(new)]
-                losses = train_block(model, optimizer, context, new, lr_at(block, cfg), cfg.epochs)
+                losses = train_block(model, optimizer, context, new, lr_at(block, cfg), cfg.epochs,
+                                     loss_fn=adapter_loss(cfg))
                 log(f"[block {block}] train: {len(context)} context + {len(new)} block tokens, "
                     f"loss {' -> '.join(f'{x:.3f}' for x in losses)}")
                 # 3. reuse the cache: old K/V stay as older adapters computed them (unless asked not to)
@@ -151,7 +163,8 @@ def eval_block(model: Transformer, ids: list[int], start: int, end: int, base_wi
         out["seconds"]["score_templora"] = time.perf_counter() - tic
         tic = time.perf_counter()
         context = ids[max(0, start - cfg.context): start]
-        out["train_loss"] = train_block(model, optimizer, context, ids[start:end], lr, cfg.epochs)
+        out["train_loss"] = train_block(model, optimizer, context, ids[start:end], lr, cfg.epochs,
+                                        loss_fn=adapter_loss(cfg))
         if not cfg.cache_reuse:
             lora_win.invalidate()
         out["seconds"]["train"] = time.perf_counter() - tic
@@ -208,7 +221,7 @@ def config_from_args(a: argparse.Namespace) -> TempLoRAConfig:
     return TempLoRAConfig(delta=a.delta, context=a.context, window=a.window, keep=a.keep, rank=a.rank,
                           alpha=a.alpha, dropout=a.dropout, lr=a.lr, warmup_blocks=a.warmup_blocks,
                           epochs=a.epochs, cache_reuse=not getattr(a, "no_cache_reuse", False),
-                          templora=not getattr(a, "no_templora", False), seed=a.seed)
+                          templora=not getattr(a, "no_templora", False), seed=a.seed, blockwise=a.blockwise)
 
 
 def read_text(path: str, what: str) -> str:
@@ -377,6 +390,8 @@ def add_knob_flags(p: argparse.ArgumentParser, d: TempLoRAConfig) -> None:
     p.add_argument("--warmup-blocks", type=int, default=d.warmup_blocks)
     p.add_argument("--epochs", type=int, default=d.epochs, help="optimizer steps per block")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--blockwise", type=int, default=d.blockwise, metavar="Q",
+                   help="compute the adapter step blockwise (BPT), in query blocks of Q tokens (0: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:

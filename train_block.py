@@ -35,10 +35,12 @@ def block_loss(model: nn.Module, context: list[int], block: list[int]) -> torch.
 
 
 def train_block(model: nn.Module, optimizer: torch.optim.Optimizer, context: list[int], block: list[int],
-                lr: float, epochs: int = 2, max_grad_norm: float = 1.0) -> list[float]:
+                lr: float, epochs: int = 2, max_grad_norm: float = 1.0, loss_fn=block_loss) -> list[float]:
     """`epochs` optimizer steps on one block; returns the loss of each (NaN where a step was skipped).
 
-    A non-finite loss or gradient skips that step: it is reported in the returned list, never applied."""
+    A non-finite loss or gradient skips that step: it is reported in the returned list, never applied.
+    `loss_fn(model, context, block)` computes the loss: block_loss, or one that computes the same value
+    another way (methods/bpt.py: blockwise, for less memory)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -47,7 +49,7 @@ def train_block(model: nn.Module, optimizer: torch.optim.Optimizer, context: lis
     try:
         for _ in range(epochs):
             optimizer.zero_grad(set_to_none=True)
-            loss = block_loss(model, context, block)
+            loss = loss_fn(model, context, block)
             if not torch.isfinite(loss):
                 losses.append(math.nan)
                 continue

@@ -25,6 +25,14 @@ BOOK = EVAL_BOOKS / "349.txt"  # 204,006 SmolLM2 tokens: long enough for every s
 REPLICATION = TempLoRAConfig(delta=1024, context=512, window=2048, keep=1024, lr=3e-4)
 BASE_WINDOW = 8192  # SmolLM2's whole context: the long-window base model Temp-LoRA is compared with
 
+# Llama-3.2-1B's config.json, weights aside
+LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+                rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=128000,
+                eos_token_id=128001,
+                rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+
 
 def model_label(model_dir) -> str:
     return MODEL_LABEL if "smollm2" in Path(model_dir).name.lower() else Path(model_dir).name

@@ -105,6 +105,8 @@ def run_all(a: argparse.Namespace, runs: list[Run], label: str) -> dict:
         path = out / f"{run.name}-{run.book}.json"
         if path.exists() and not a.force:
             stored, wanted = json.loads(path.read_text()), settings(run, a)
+            # a knob added after a result was written did not exist then: that run had the knob's default
+            stored["config"] = asdict(TempLoRAConfig()) | stored.get("config", {})
             differ = [k for k in wanted if stored.get(k) != wanted[k]]
             if differ:
                 sys.exit(f"error: {path} was made with other settings ({', '.join(differ)}); "

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import BOOK, MODEL_DIR, RESULTS, require_model
+from bench.common import BOOK, LLAMA_1B, MODEL_DIR, RESULTS, require_model
 from bench.flops import prefill_flops, step_flops
 from bench.templora_hf import add_peft_lora, eval_block_hf, make_optimizer_hf, train_hf
 from load_llama import load_model, load_tokenizer, read_json
@@ -50,15 +50,6 @@ from train_block import make_optimizer, train_block
 # ratio ours / theirs wanted for each benchmark; the adapter step on the 1B model should reach half the bf16 peak
 TARGETS = {"prefill": 1.0, "decode": 1.5, "step": 1.5, "block": 2.0}
 STEP_PEAK_TARGET = {"llama1b": 0.5}
-
-# Llama-3.2-1B's config.json, weights aside
-LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-                rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=128000,
-                eos_token_id=128001,
-                rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-
 
 # FLOPs are model FLOPs (the useful work), from bench/flops.py: the work of a task is counted once and used
 # for both implementations, so work one of them wastes (e.g. transformers' logits on context positions that

@@ -1,0 +1,152 @@
+"""methods/bpt.py: the blockwise adapter step computes the standard one's loss and gradients, both attention
+forms equal the model's own attention, recomputation replays the dropout masks, and Temp-LoRA with
+--blockwise scores a text as without it. Oracles: the model's own layer (SDPA) and train_block.block_loss."""
+import json
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from helpers import checksums, tiny_model
+from lora import LoRALinear, add_lora, lora_parameters
+from methods import bpt
+from model import rope_cos_sin
+from templora import TempLoRAConfig, evaluate, main
+from train_block import block_loss
+
+AWKWARD = dict(dim=72, n_heads=9, n_kv_heads=3, head_dim=8)  # 9 heads, GQA 3:1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Blocks of a tiny model are many small ops: on a shared 2-core machine a second thread only adds
+    contention (measured: evaluate below took 10x longer with 2 threads under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def adapter_with_random_b(model, dropout=0.0, generator=None):
+    """A LoRA whose B is not zero, so every adapter tensor gets a non-zero gradient."""
+    add_lora(model.requires_grad_(False), rank=4, alpha=8, dropout=dropout, generator=generator)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_b.normal_(0.0, 0.1)
+
+
+def loss_and_grads(model, loss_fn, context, block):
+    for p in lora_parameters(model):
+        p.grad = None
+    loss = loss_fn(model, context, block)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in lora_parameters(model)]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "online-softmax"])
+def test_blockwise_layer_equals_the_models_layer_on_awkward_sizes(fused):
+    model = tiny_model(**AWKWARD)
+    x = torch.randn(1, 23, 72)  # 23 rows: blocks of 5 (the last has 3), key blocks of 7 (the last has 2)
+    cos, sin = rope_cos_sin(model.args, 0, 23, x.device)
+    for layer in model.layers:
+        expected = layer(x, cos, sin, 0)
+        torch.testing.assert_close(bpt.blockwise_layer(layer, x, cos, sin, 5, 7, fused), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_online_softmax_equals_the_fused_kernel_for_queries_after_cached_keys():
+    q, k, v = torch.randn(2, 9, 6, 8), torch.randn(2, 9, 17, 8), torch.randn(2, 9, 17, 8)
+    # the oracle: softmax over the keys each query may see, query r at position 17 - 6 + r
+    scores = (q @ k.transpose(-1, -2)) / 8 ** 0.5
+    visible = torch.arange(17)[None, :] <= torch.arange(11, 17)[:, None]
+    expected = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v
+    for kv_block in (1, 4, 17, 64):
+        torch.testing.assert_close(bpt.online_softmax_attention(q, k, v, kv_block), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bpt.fused_attention(q, k, v), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config, n_context, n_block", [
+    (AWKWARD, 17, 13),                                             # GQA, untied head, context + block
+    (dict(n_kv_heads=4, tie_embeddings=True), 11, 9),              # MHA, tied head
+    (dict(tie_embeddings=True), 0, 13),                            # the text's first block: no context
+], ids=["gqa-untied", "mha-tied", "no-context"])
+@pytest.mark.parametrize("form", [
+    dict(),                                                        # BPT, fused attention (the default)
+    dict(fused=False),                                             # BPT, the online-softmax loop
+    dict(layers="checkpointed", loss="full"),                      # the benchmark's baselines
+    dict(layers="plain", loss="blockwise"),
+], ids=["bpt", "bpt-online-softmax", "checkpointed-layers", "blockwise-loss"])
+def test_blockwise_step_has_the_standard_loss_and_adapter_gradients(config, n_context, n_block, form):
+    model = tiny_model(**config)
+    adapter_with_random_b(model)
+    ids = torch.randint(0, 300, (n_context + n_block,), generator=torch.Generator().manual_seed(1)).tolist()
+    context, block = ids[:n_context], ids[n_context:]
+    loss, grads = loss_and_grads(model, block_loss, context, block)
+    got_loss, got_grads = loss_and_grads(
+        model, lambda m, c, b: bpt.block_loss(m, c, b, q_block=5, kv_block=3, loss_block=4, **form), context, block)
+    torch.testing.assert_close(got_loss, loss, atol=1e-6, rtol=1e-6)
+    assert len(got_grads) == 2 * 7 * model.args.n_layers and all(g.abs().max() > 0 for g in grads)
+    for got, expected in zip(got_grads, grads):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_recomputation_replays_the_adapters_dropout_masks(monkeypatch):
+    """Oracle: the same blockwise step with nothing recomputed (every block's activations kept), which draws
+    the same masks in the same order; with dropout, a recomputation that drew new masks would differ."""
+    model = tiny_model(**AWKWARD)
+    generator = torch.Generator().manual_seed(0)
+    adapter_with_random_b(model, dropout=0.3, generator=generator)
+    model.train()
+    context, block = list(range(17)), list(range(40, 53))
+
+    def step():
+        generator.manual_seed(1)
+        loss, grads = loss_and_grads(model, lambda m, c, b: bpt.block_loss(m, c, b, q_block=5, kv_block=3), context, block)
+        return loss, grads, generator.get_state()
+    loss, grads, state = step()
+    monkeypatch.setattr(bpt, "recomputed", lambda module, fn, *args: fn(*args))
+    kept_loss, kept_grads, kept_state = step()
+    assert torch.equal(loss, kept_loss) and torch.equal(state, kept_state)  # later draws continue the same stream
+    for got, expected in zip(grads, kept_grads):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    # and the property is real: plain checkpointing (global RNG only) recomputes with other masks
+    monkeypatch.setattr(bpt, "recomputed", lambda module, fn, *args: checkpoint(fn, *args, use_reentrant=False))
+    _, plain_grads, _ = step()
+    assert max((a - b).abs().max() for a, b in zip(plain_grads, kept_grads)) > 1e-3
+
+
+def test_evaluate_with_blockwise_scores_as_without_and_leaves_the_base_bit_identical():
+    model = tiny_model(**AWKWARD)
+    before = checksums(model)
+    ids = torch.randint(0, 300, (90,), generator=torch.Generator().manual_seed(2)).tolist()
+    # dropout 0: the blockwise step draws its masks per block, so with dropout the two runs would differ by design
+    knobs = dict(delta=16, context=21, window=48, keep=24, rank=8, alpha=16, dropout=0.0, lr=1e-2, epochs=2)
+    plain = evaluate(model, ids, TempLoRAConfig(**knobs))
+    blockwise = evaluate(model, ids, TempLoRAConfig(**knobs, blockwise=7))
+    assert checksums(model) == before
+    assert blockwise["config"]["blockwise"] == 7
+    for a, b in zip(plain["chunks"], blockwise["chunks"]):
+        assert b["nll_base"] == a["nll_base"]
+        assert b["nll_templora"] == pytest.approx(a["nll_templora"], rel=1e-5)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+    assert plain["chunks"][-1]["nll_templora"] != pytest.approx(plain["chunks"][-1]["nll_base"], rel=1e-3)  # it trained
+    assert blockwise["ppl_templora"] == pytest.approx(plain["ppl_templora"], rel=1e-5)
+
+
+def test_block_sizes_and_forms_are_checked():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="block sizes must be positive"):
+        bpt.block_loss(model, [1, 2], [3, 4], q_block=0)
+    with pytest.raises(ValueError, match="layers must be one of"):
+        bpt.block_loss(model, [1, 2], [3, 4], layers="fast")
+
+
+def test_cli_blockwise_flag_runs_and_a_negative_value_exits_2(ckpt, book, tmp_path, capsys):
+    knobs = ["--delta", "32", "--context", "48", "--window", "96", "--keep", "32", "--rank", "4", "--quiet",
+             "--max-tokens", "100", "--model", str(ckpt), "--text", str(book)]
+    out = tmp_path / "r.json"
+    assert main(["eval", *knobs, "--blockwise", "16", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["config"]["blockwise"] == 16
+    assert main(["eval", *knobs, "--blockwise", "-1", "--out", str(out)]) == 2
+    assert "--blockwise must be >= 0" in capsys.readouterr().err
+
