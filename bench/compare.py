@@ -34,6 +34,7 @@ SUPRA_COMMAND = ("python -m bench.supra --device cuda --model DIR --books-dir DI
                  "--out bench/results")
 UIO = "python -m bench.uio --model DIR --books-dir DIR --train-books-dir DIR --device cuda --out bench/results"
 UIO_COST = dict(flop_phases=("decode", "encode"), time_keys=("decode_s", "encode_s"), command=UIO)
+BPT_COMMAND = "python -m bench.bpt books --device cuda --model DIR --books-dir DIR --out bench/results"
 
 ROWS = [
     Row("base, W=2K", "main-*.json", "base", ("score_base",), ("score_base_s",)),
@@ -53,6 +54,11 @@ ROWS = [
     Row("UIO, trained with recent-only BPTT", "uio-recent-*.json", "uio", **UIO_COST),
     Row("UIO, trained with reservoir BPTT (unbiased)", "uio-reservoir-*.json", "uio", **UIO_COST),
     Row("UIO, trained with full BPTT", "uio-full-*.json", "uio", **UIO_COST),
+    # bench/bpt.py books (one GPU run): Temp-LoRA at the replication's L_T, and at a long L_T computed blockwise
+    Row("Temp-LoRA, W=2K, L_T=512 (bench.bpt run)", "bpt-LT512-*.json", "templora", (),
+        ("score_templora_s", "train_s"), command=BPT_COMMAND),
+    Row("Temp-LoRA, W=2K, L_T=4K (blockwise)", "bpt-LT4096-*.json", "templora", (), ("score_templora_s", "train_s"),
+        command=BPT_COMMAND),
 ]
 
 

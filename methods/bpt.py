@@ -1,6 +1,6 @@
 """Blockwise Parallel Transformer (Liu & Abbeel, "Blockwise Parallel Transformer for Large Context Models",
 arXiv 2305.19370): the same model, computed one block of tokens at a time, so that training on T tokens
-keeps only a few (T, dim) tensors per layer instead of every activation of every layer.
+keeps one (T, dim) tensor per layer instead of every activation of every layer.
 
 Here it is Temp-LoRA's adapter step (train_block.block_loss) computed blockwise: the same modules (so the
 LoRA wrappers apply unchanged), the same loss, the same gradients, less memory. Symbols: T tokens, query
@@ -17,11 +17,14 @@ blocks Q_i of B_q rows, key blocks K_j, V_j of B_kv rows, d = head_dim.
             attn_i = acc / l
             h_i = x_i + wo(attn_i);   out_i = h_i + feed_forward(ffn_norm(h_i))   (this block's rows alone)
     loss: for each block of target rows: output(norm(h)) -> cross-entropy, summed       (blockwise head + loss)
-    backward: each block runs under torch.utils.checkpoint: its inputs are kept, the rest is recomputed.
+    backward: each layer, and each block inside it, runs under torch.utils.checkpoint: only its inputs
+    are kept, the rest is recomputed when backward reaches it.
 
-Kept per layer: its input x (T, dim) and K, V (T, n_kv_heads * d each); all else lives for one block.
-The official code (JAX) uses B_q = 1024, B_kv = 2048, saves nothing inside a block, and still computes
-the key blocks that the causal mask hides entirely; here they are skipped.
+As in the official code (JAX: every layer under remat saving nothing, and every block inside it too;
+B_q = 1024, B_kv = 2048), a layer keeps only its input x (T, dim) until backward reaches it; then it is
+recomputed block by block, so its K, V and one block's activations exist at a time. The price is a third
+forward (layer recompute, then block recompute) against two for per-layer checkpointing. The official
+code still computes the key blocks that the causal mask hides entirely; here they are skipped.
 
 The attention inside a query block has two forms. `online_softmax_attention` is the loop above, written
 out for reading and used as the oracle in the tests. `fused_attention` is PyTorch's scaled_dot_product_
@@ -39,7 +42,7 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 from lora import LoRALinear
-from model import TransformerBlock, Transformer, apply_rope, rope_cos_sin
+from model import Transformer, TransformerBlock, apply_rope, rope_cos_sin
 
 LAYER_FORMS = ("blockwise", "checkpointed", "plain")  # BPT, and the two baselines the benchmark compares
 LOSS_FORMS = ("blockwise", "full")
@@ -143,12 +146,14 @@ def blockwise_layer(layer: TransformerBlock, x: torch.Tensor, cos: torch.Tensor,
     """layer(x) for x (bs, T, dim) at positions 0.., computed one block of B_q rows at a time."""
     T = x.shape[1]
     blocks = [(s, min(s + q_block, T)) for s in range(0, T, q_block)]
+    # the rows of each block; split (not x[:, s:e]) so that backward gathers their gradients in one cat
+    rows = x.split(q_block, dim=1)                                                   # (bs, <= B_q, dim) each
     # 1. keys and values of every position (each query block needs those of all blocks up to its own)
     k, v = (torch.cat(parts, dim=2) for parts in zip(*[
-        recomputed(layer, keys_values, layer, x[:, s:e], cos[s:e], sin[s:e]) for s, e in blocks]))
+        recomputed(layer, keys_values, layer, x_i, cos[s:e], sin[s:e]) for x_i, (s, e) in zip(rows, blocks)]))
     # 2. each query block sees the keys up to its own last row: later key blocks are never touched
-    out = [recomputed(layer, query_block, layer, x[:, s:e], k[:, :, :e], v[:, :, :e], cos[s:e], sin[s:e],
-                      kv_block, fused) for s, e in blocks]
+    out = [recomputed(layer, query_block, layer, x_i, k[:, :, :e], v[:, :, :e], cos[s:e], sin[s:e], kv_block, fused)
+           for x_i, (s, e) in zip(rows, blocks)]
     return torch.cat(out, dim=1)                                                     # (bs, T, dim)
 
 
@@ -172,7 +177,7 @@ def block_loss(model: Transformer, context: list[int], block: list[int], q_block
                kv_block: int = 2048, loss_block: int = 256, fused: bool = True,
                layers: str = "blockwise", loss: str = "blockwise") -> torch.Tensor:
     """train_block.block_loss, the BPT way: the mean next-token cross-entropy of the block given the
-    context, with the same value and gradients, and the memory of one block per layer.
+    context, with the same value and gradients; what it keeps is each layer's input and one block at a time.
 
     B_q = q_block, B_kv = kv_block (the reading form only: the fused kernel tiles the keys itself),
     loss_block rows of logits at a time. `layers` and `loss` pick the baselines the benchmark compares:
@@ -187,8 +192,8 @@ def block_loss(model: Transformer, context: list[int], block: list[int], q_block
     h = model.tok_embeddings(seq[:, :-1])                                              # (1, T, dim)
     cos, sin = rope_cos_sin(model.args, 0, h.shape[1], h.device)                       # (T, head_dim)
     for layer in model.layers:
-        if layers == "blockwise":
-            h = blockwise_layer(layer, h, cos, sin, q_block, kv_block, fused)
+        if layers == "blockwise":  # nested: the layer is recomputed in backward, and each block inside it
+            h = recomputed(layer, blockwise_layer, layer, h, cos, sin, q_block, kv_block, fused)
         elif layers == "checkpointed":
             h = recomputed(layer, layer, h, cos, sin, 0)
         else:

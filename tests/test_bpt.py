@@ -150,3 +150,74 @@ def test_cli_blockwise_flag_runs_and_a_negative_value_exits_2(ckpt, book, tmp_pa
     assert main(["eval", *knobs, "--blockwise", "-1", "--out", str(out)]) == 2
     assert "--blockwise must be >= 0" in capsys.readouterr().err
 
+
+
+# ----------------------------------------------------------------------------- bench/bpt.py, end to end on tiny sizes
+
+def test_bench_table_measures_a_point_in_a_child_and_resumes(ckpt, tmp_path, capsys):
+    from bench import bpt as bench
+    argv = ["table", "--quick", "--model", str(ckpt), "--out", str(tmp_path), "--models", "smollm2",
+            "--variants", "bpt", "--lengths", "64"]
+    assert bench.main(argv) == 0
+    r = json.loads((tmp_path / "bpt-table.json").read_text())
+    point = r["points"]["smollm2|bpt|64"]
+    assert point["status"] == "ok" and point["peak_gib"] > 0 and point["step_s"] > 0
+    assert all(x == x for x in point["losses"])  # two finite losses: no step was skipped
+    assert r["summary"]["smollm2"]["longest_in_budget"] == {"bpt": 64}
+    assert (tmp_path / "bpt-memory.png").stat().st_size > 0 and "| bpt |" in (tmp_path / "bpt-table.md").read_text()
+    assert bench.main(argv) == 0  # resumed: nothing left to run
+    assert json.loads((tmp_path / "bpt-table.json").read_text())["points"] == r["points"]
+    assert bench.main(argv + ["--budget-gib", "4"]) == 2  # other settings: refused, not mixed in
+    assert "other settings (budget_gib)" in capsys.readouterr().err
+
+
+def test_bench_table_prunes_after_oom_and_extrapolates_layers(tmp_path, monkeypatch):
+    """The children replaced by a memory model: peak = 1 + layers * T / 64 GiB, OOM above the budget."""
+    from bench import bpt as bench
+    ran = []
+
+    def child(spec, timeout_s):
+        ran.append(spec)
+        layers = spec["config"]["num_hidden_layers"]
+        shrink = 4 if spec["variant"] == "bpt" else 1
+        peak = 1 + layers * spec["length"] / 64 / shrink
+        if peak > spec["budget_gib"]:
+            return {"status": "OOM"}
+        return {"status": "ok", "peak_gib": peak, "setup_gib": 1.0, "step_s": layers * shrink * 0.1}
+    monkeypatch.setattr(bench, "child", child)
+    assert bench.main(["table", "--quick", "--model", "unused", "--out", str(tmp_path), "--models", "llama1b",
+                       "--llama1b-layers", "4", "--variants", "today,bpt", "--lengths", "32,64,128,256",
+                       "--budget-gib", "20"]) == 0
+    r = json.loads((tmp_path / "bpt-table.json").read_text())
+    # today at 4 layers: 3, 5, 9, 17 GiB fit; bpt fits all. At 2 layers everything fits. Nothing was pruned...
+    assert len(ran) == 16
+    full = r["summary"]["llama-3.2-1b-16L"]
+    # ...but at 16 layers (extrapolated: 1 + 16 T / 64) today fits up to T=64 (17 GiB), bpt up to T=256 (17 GiB)
+    assert full["points"]["today"]["64"]["peak_gib"] == pytest.approx(17.0)
+    assert full["longest_in_budget"] == {"today": 64, "bpt": 256}
+    assert full["bpt_ratios"]["bpt/today"] == {"ratio": 4.0, "at_least": True}
+    assert full["recompute_time_cost"]["bpt"]["step_s_ratio_to_today"] == pytest.approx(4.0)
+    ran.clear()
+    assert bench.main(["table", "--quick", "--model", "unused", "--out", str(tmp_path / "b"), "--models", "llama1b",
+                       "--llama1b-layers", "4", "--variants", "today", "--lengths", "32,64,128,256",
+                       "--budget-gib", "6"]) == 0
+    points = json.loads((tmp_path / "b" / "bpt-table.json").read_text())["points"]
+    assert [s["length"] for s in ran if s["config"]["num_hidden_layers"] == 4] == [32, 64, 128]  # 9 GiB: OOM
+    assert points["llama-3.2-1b-4L|today|256"] == {"status": "OOM", "skipped": "OOM at T=128"}  # not run
+
+
+def test_bench_books_writes_a_protocol_json_per_variant_and_book(ckpt, book, tmp_path):
+    from bench import bpt as bench
+    from bench.compare import book_of
+    assert bench.main(["books", "--quick", "--model", str(ckpt), "--books-dir", str(book.parent),
+                       "--book-ids", book.stem, "--out", str(tmp_path)]) == 0
+    short, long = (json.loads((tmp_path / f"bpt-LT{n}-{book.stem}.json").read_text()) for n in (16, 64))
+    for r in (short, long):
+        assert r["scored_tokens"] == 128 and sum(c["tokens"] for c in r["chunks"]) == 128
+        assert {"nll_base", "nll_templora", "start", "tokens"} <= set(r["chunks"][0])
+        assert r["ppl_templora"] > 0 and r["timings"]["train_s"] > 0 and r["peak_memory_mib"] > 0
+        assert book_of(r) == book.stem and r["dtype"] == "float32" and r["device"] == "cpu" and "command" in r
+    assert (short["config"]["context"], short["config"]["blockwise"]) == (16, 0)
+    assert (long["config"]["context"], long["config"]["blockwise"]) == (64, 16)
+    assert short["ppl_base"] == long["ppl_base"]  # the same text, the same base model
+    assert "| LT64 |" in (tmp_path / "bpt-books.md").read_text()
