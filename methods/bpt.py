@@ -198,7 +198,8 @@ def block_loss(model: Transformer, context: list[int], block: list[int], q_block
             h = recomputed(layer, layer, h, cos, sin, 0)
         else:
             h = layer(h, cos, sin, 0)
-    h, targets = h[:, -n_targets:], seq[0, -n_targets:]  # only the block's rows carry a loss
+    # only the block's rows carry a loss; a copy, so the last layer's output for all T rows need not be kept
+    h, targets = h[:, -n_targets:].clone(), seq[0, -n_targets:]
     if loss == "blockwise":
         return blockwise_nll(model, h, targets, loss_block) / n_targets
     return head_nll(model, h, targets) / n_targets

@@ -90,6 +90,31 @@ def test_blockwise_step_has_the_standard_loss_and_adapter_gradients(config, n_co
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
+def test_between_forward_and_backward_bpt_keeps_only_each_layers_input():
+    """What autograd holds after the forward (every saved tensor's storage, counted once): for BPT the input
+    of each layer, cos and sin, the token ids and the loss rows; for today's step, every activation."""
+    model = tiny_model(dim=64, n_layers=4, max_seq_len=1024)
+    add_lora(model.requires_grad_(False), rank=4, alpha=8, dropout=0.05, generator=torch.Generator().manual_seed(0))
+    model.train()
+    ids = torch.randint(0, 300, (640,), generator=torch.Generator().manual_seed(3)).tolist()
+    context, block = ids[:512], ids[512:]  # T = 639 positions, 128 of them with a loss
+
+    def kept_bytes(loss_fn):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss_fn(model, context, block)
+        return sum(storages.values())
+    T, args = 639, model.args
+    kept = kept_bytes(lambda m, c, b: bpt.block_loss(m, c, b, q_block=128, loss_block=64))
+    layer_inputs = args.n_layers * T * args.dim * 4                       # fp32
+    assert kept == layer_inputs + 2 * T * args.head_dim * 4 + 640 * 8 + 128 * args.dim * 4  # + cos, sin; ids; loss rows
+    assert kept_bytes(block_loss) > 15 * kept
+
+
 def test_recomputation_replays_the_adapters_dropout_masks(monkeypatch):
     """Oracle: the same blockwise step with nothing recomputed (every block's activations kept), which draws
     the same masks in the same order; with dropout, a recomputation that drew new masks would differ."""
