@@ -12,9 +12,9 @@ blocks Q_i of B_q rows, key blocks K_j, V_j of B_kv rows, d = head_dim.
             attention of Q_i over the key blocks j <= i (later ones are wholly masked: skipped), online softmax:
                 s_ij = Q_i K_j^T / sqrt(d)                          (causal mask where the blocks overlap)
                 m_new = max(m, rowmax s_ij)                         running max
-                l = l * exp(m - m_new) + rowsum exp(s_ij - m_new)   running sum, earlier part rescaled
+                ℓ = ℓ * exp(m - m_new) + rowsum exp(s_ij - m_new)   running sum, earlier part rescaled
                 acc = acc * exp(m - m_new) + exp(s_ij - m_new) V_j  running output, earlier part rescaled
-            attn_i = acc / l
+            attn_i = acc / ℓ
             h_i = x_i + wo(attn_i);   out_i = h_i + feed_forward(ffn_norm(h_i))   (this block's rows alone)
     loss: for each block of target rows: output(norm(h)) -> cross-entropy, summed       (blockwise head + loss)
     backward: each layer, and each block inside it, runs under torch.utils.checkpoint: only its inputs
@@ -89,7 +89,7 @@ def online_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     S = k.shape[2]
     q_pos = torch.arange(S - L, S, device=q.device)                                  # (L,)
     m = torch.full((bsz, heads, L, 1), float("-inf"), device=q.device)              # running max (fp32)
-    l = torch.zeros(bsz, heads, L, 1, device=q.device)                              # running sum of exp
+    ell = torch.zeros(bsz, heads, L, 1, device=q.device)                            # ℓ: running sum of exp
     acc = torch.zeros(bsz, heads, L, d, device=q.device)                            # running sum of exp * v
     for j in range(0, S, kv_block):
         k_j, v_j = k[:, :, j: j + kv_block], v[:, :, j: j + kv_block]              # (bs, heads, B_kv, d)
@@ -101,10 +101,10 @@ def online_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         m_new = torch.maximum(m, s.amax(-1, keepdim=True))
         p = torch.exp(s - m_new)                                                    # (bs, heads, L, B_kv)
         rescale = torch.exp(m - m_new)  # earlier blocks' terms were taken against the old max
-        l = l * rescale + p.sum(-1, keepdim=True)
+        ell = ell * rescale + p.sum(-1, keepdim=True)
         acc = acc * rescale + p @ v_j.float()
         m = m_new
-    return (acc / l).to(q.dtype)                                                    # (bs, heads, L, d)
+    return (acc / ell).to(q.dtype)                                                  # (bs, heads, L, d)
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -167,8 +167,8 @@ def head_nll(model: Transformer, h: torch.Tensor, targets: torch.Tensor) -> torc
 
 def blockwise_nll(model: Transformer, h: torch.Tensor, targets: torch.Tensor, loss_block: int) -> torch.Tensor:
     """head_nll over blocks of loss_block rows: only one block's logits exist at a time, in backward too."""
-    return sum(checkpoint(head_nll, model, h[:, s: s + loss_block], targets[s: s + loss_block], use_reentrant=False)
-               for s in range(0, h.shape[1], loss_block))
+    return sum(checkpoint(head_nll, model, h[:, s: s + loss_block], targets[s: s + loss_block],
+                          use_reentrant=False) for s in range(0, h.shape[1], loss_block))
 
 
 # ----------------------------------------------------------------------------- the adapter step's loss
