@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.common import LLAMA_1B, REPLICATION, REPO, model_label
+from bench.common import LLAMA_1B, REPLICATION, REPO, model_label, require_model
 from load_llama import args_from_config, load_llama, load_model
 from lora import add_lora, lora_parameters
 from methods import bpt
@@ -465,6 +465,8 @@ def main(argv=None) -> int:
     if a.mode == "point":
         print("RESULT " + json.dumps(run_point(json.loads(a.spec))), flush=True)
         return 0
+    if a.mode == "books" or "smollm2" in a.models:
+        require_model(a.model)
     try:
         return table_main(a) if a.mode == "table" else books_main(a)
     except ValueError as e:
