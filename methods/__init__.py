@@ -1,0 +1,1 @@
+"""Long-context methods beside Temp-LoRA, one paper per file."""
