@@ -16,7 +16,7 @@ import tiktoken
 import torch
 from safetensors import SafetensorError, safe_open
 
-from model import ROPE_TYPES, ModelArgs, Transformer
+from model import ROPE_TYPES, ModelArgs, Transformer, rope_inv_freq
 
 
 class CheckpointError(ValueError):
@@ -270,21 +270,32 @@ def args_from_config(config: dict, source: str = "config.json") -> ModelArgs:
     # Official checkpoints write rope_theta + rope_scaling; transformers >= 5 writes both into rope_parameters.
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     rope_theta = rope.pop("rope_theta", None) or need("rope_theta")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
     if rope_type == "default":
         rope_scaling = None
     elif rope_type in ROPE_TYPES:
-        keys = ROPE_TYPES[rope_type][0]
+        keys, _, optional = ROPE_TYPES[rope_type]
+        if "original_max_position_embeddings" in config and "original_max_position_embeddings" in keys:
+            # Phi-3 keeps it beside rope_scaling, not inside: there it wins (as in transformers)
+            rope["original_max_position_embeddings"] = config["original_max_position_embeddings"]
+        old_len = rope.get("original_max_position_embeddings")
+        if rope_type in ("yarn", "longrope") and rope.get("factor") is None and old_len:
+            # transformers' default for these two: the new window over the original one
+            rope["factor"] = need("max_position_embeddings") / old_len
         missing = [k for k in keys if k not in rope]
         if missing:
             raise CheckpointError(f"{source}: rope_scaling of type {rope_type!r} lacks {missing}")
-        rope_scaling = {"rope_type": rope_type, **{k: rope[k] for k in keys}}
+        unknown = sorted(set(rope) - set(keys) - set(optional))
+        if unknown:  # e.g. partial_rotary_factor: a setting we would otherwise silently ignore
+            raise CheckpointError(f"{source}: rope_scaling of type {rope_type!r} has keys we do not support: "
+                                  f"{unknown} (known: {', '.join(keys + optional)})")
+        rope_scaling = {"rope_type": rope_type, **{k: rope[k] for k in keys + optional if rope.get(k) is not None}}
     else:
         raise CheckpointError(f"{source}: unknown rope_type {rope_type!r} "
                               f"(supported: 'default', {', '.join(map(repr, ROPE_TYPES))})")
 
     n_heads = need("num_attention_heads")
-    return ModelArgs(
+    args = ModelArgs(
         dim=need("hidden_size"),
         n_layers=need("num_hidden_layers"),
         n_heads=n_heads,
@@ -298,6 +309,11 @@ def args_from_config(config: dict, source: str = "config.json") -> ModelArgs:
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         max_seq_len=need("max_position_embeddings"),
     )
+    try:  # the rope type's own checks (lengths of factor lists, positive divisors) on the real sizes
+        rope_inv_freq(args)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{source}: rope_scaling of type {rope_type!r}: {e}") from None
+    return args
 
 
 # ----------------------------------------------------------------------------- weights

@@ -1,4 +1,4 @@
-"""Llama 3 in one file: RMSNorm, RoPE (with Llama 3.1 "llama3" frequency scaling), grouped-query
+"""Llama 3 in one file: RMSNorm, RoPE (plain, or stretched: PI, Llama 3.1's llama3, YaRN, LongRoPE), grouped-query
 attention, SwiGLU, a KV cache owned by the caller, and generate().
 
 Module and weight names follow Meta's reference `model.py` (wq wk wv wo, w1 w2 w3, attention_norm,
@@ -7,6 +7,7 @@ ffn_norm) so the two can be read side by side. Unlike Meta's, `forward` is not u
 """
 import math
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,24 @@ class RMSNorm(nn.Module):
 
 
 # ----------------------------------------------------------------------------- RoPE
+#
+# Channel pair i (i = 0 .. head_dim/2 - 1) turns at frequency θ_i = rope_theta^(-2i/head_dim): pair 0 turns
+# fastest. A model trained on L tokens has seen every angle of the fast pairs but only part of a turn of the
+# slow ones. To read L·s tokens, each frequency is divided by a factor λ_i (its "divisor"), and cos and sin
+# may be multiplied by an attention factor. Each rope type below is a rule for the λ_i:
+#   linear    (PI)      λ_i = s for every pair: positions squeezed back into the trained range
+#   llama3    (Llama 3.1) λ_i = 1 for short wavelengths, s for long ones, blended between
+#   yarn      (YaRN)    the same idea with a ramp in the pair index, plus the attention factor 0.1·ln s + 1
+#   longrope  (LongRoPE, DCIS) an explicit λ_i per pair, e.g. found by a search (methods/dcis.py)
+# NTK-aware scaling is not a rope type: it changes the base, rope_theta -> rope_theta · s^(d/(d-2)) (d =
+# head_dim), which leaves pair 0 alone and divides the slowest pair by exactly s. Give it as rope_theta.
+# transformers' "dynamic" type is left out: its frequencies change with the sequence length, so keys already
+# in a KV cache would have been rotated differently from the new ones.
+
+def linear_rope(inv_freq: torch.Tensor, scaling: dict) -> tuple[torch.Tensor, float]:
+    """Position interpolation (PI, Chen et al. 2023): every frequency divided by `factor`."""
+    return torch.full_like(inv_freq, float(scaling["factor"])), 1.0
+
 
 def llama3_rope(inv_freq: torch.Tensor, scaling: dict) -> tuple[torch.Tensor, float]:
     """Llama 3.1's "llama3" scaling: long wavelengths (beyond the original context) are slowed down by
@@ -56,11 +75,78 @@ def llama3_rope(inv_freq: torch.Tensor, scaling: dict) -> tuple[torch.Tensor, fl
     return 1.0 / (smooth + (1.0 - smooth) / factor), 1.0
 
 
-# The RoPE types a config may name (transformers' `rope_type`), each with the config keys it needs and a
-# function (inv_freq, scaling) -> (per-frequency divisors, attention factor on cos and sin). Both the model
-# and the loader's validation read this one table; a new scaling (PI, YaRN, searched factors) is one entry.
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention factor √(1/t) = 0.1·ln(s) + 1 (scaled by `mscale`), 1 when not stretched."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_rope(inv_freq: torch.Tensor, scaling: dict) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al. 2023), as transformers computes it. Pair i turns r_i = L·θ_i / 2π times over the
+    original length L. Pairs up to the index where r = β_fast (32) keep their frequency, pairs from the
+    index where r = β_slow (1) are divided by `factor`, and λ ramps linearly in the pair index between
+    (the two indices rounded outwards unless truncate is false). cos and sin get yarn_mscale(factor), or
+    mscale / mscale_all_dim's ratio (DeepSeek), or the config's attention_factor."""
+    factor = scaling["factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+    # log r_i falls linearly with i (θ_i is geometric), so the (fractional) index where r_i = R is
+    # (log r_0 - log R) / (log r_0 - log r_1): transformers' find_correction_dim, from the frequencies alone
+    log_r = torch.log(old_len * inv_freq.double() / (2 * math.pi))
+    index_where = lambda r: ((log_r[0] - math.log(r)) / (log_r[0] - log_r[1])).item()  # noqa: E731
+    low, high = index_where(beta_fast), index_where(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, 2 * len(inv_freq) - 1)
+    if low == high:
+        high += 0.001  # (transformers' guard against a zero-width ramp)
+    interpolated = ((torch.arange(len(inv_freq), dtype=torch.float32, device=inv_freq.device) - low)
+                    / (high - low)).clamp(0.0, 1.0)                  # 0: keep θ_i, 1: θ_i / factor
+    divisors = 1.0 / (1.0 - interpolated + interpolated / factor)
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else yarn_mscale(factor))
+    return divisors, float(attention_factor)
+
+
+def longrope_rope(inv_freq: torch.Tensor, scaling: dict) -> tuple[torch.Tensor, float]:
+    """LongRoPE (Ding et al. 2024; Phi-3's "longrope"): an explicit λ_i per pair, searched rather than
+    derived. The config holds two sets, `long_factor` and `short_factor`.
+
+    One set per loaded model, never switched mid-sequence: long_factor when the config stretches the
+    window (factor = max_position_embeddings / original_max_position_embeddings > 1, which the loader
+    fills in when absent), short_factor otherwise. transformers instead picks by the current sequence
+    length, so a KV cache filled before the text crossed the original length holds keys rotated with the
+    short factors while later queries use the long ones (tests/test_rope.py shows both). Attention factor:
+    the config's, else √(1 + ln(factor) / ln(original length)) as transformers computes it."""
+    factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+    name = "long_factor" if factor > 1 else "short_factor"
+    divisors = torch.tensor(scaling[name], dtype=torch.float32, device=inv_freq.device)
+    if divisors.shape != inv_freq.shape:
+        raise ValueError(f"longrope {name} has {divisors.numel()} entries, expected head_dim/2 = {len(inv_freq)}")
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = math.sqrt(1 + math.log(factor) / math.log(old_len)) if factor > 1 else 1.0
+    return divisors, float(attention_factor)
+
+
+class RopeType(NamedTuple):
+    keys: tuple[str, ...]      # config keys it needs: a config without one is refused by the loader
+    divisors: Callable         # (inv_freq, scaling) -> (per-pair divisors λ_i, attention factor on cos and sin)
+    optional: tuple[str, ...] = ()  # config keys it reads when present
+
+
+# The RoPE types a config may name (transformers' `rope_type`). Both the model and the loader's validation
+# read this one table; a new scaling is one entry.
 ROPE_TYPES = {
-    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), llama3_rope),
+    "linear": RopeType(("factor",), linear_rope),
+    "llama3": RopeType(("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                       llama3_rope),
+    "yarn": RopeType(("factor", "original_max_position_embeddings"), yarn_rope,
+                     ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")),
+    "longrope": RopeType(("factor", "long_factor", "short_factor", "original_max_position_embeddings"),
+                         longrope_rope, ("attention_factor",)),
 }
 
 
@@ -74,7 +160,10 @@ def rope_inv_freq(args: ModelArgs, device=None) -> tuple[torch.Tensor, float]:
     kind = args.rope_scaling["rope_type"]
     if kind not in ROPE_TYPES:
         raise ValueError(f"unsupported rope_type {kind!r} (supported: {', '.join(ROPE_TYPES)} or none)")
-    divisors, attention_factor = ROPE_TYPES[kind][1](inv_freq, args.rope_scaling)
+    divisors, attention_factor = ROPE_TYPES[kind].divisors(inv_freq, args.rope_scaling)
+    if not (torch.isfinite(divisors).all() and (divisors > 0).all() and attention_factor > 0):
+        raise ValueError(f"rope_type {kind!r} with {args.rope_scaling} gives divisors or an attention factor "
+                         "that are not positive and finite")
     return inv_freq / divisors, attention_factor
 
 

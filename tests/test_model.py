@@ -15,6 +15,20 @@ CONFIGS = {
     "mqa_llama3_scaling": dict(num_attention_heads=4, num_key_value_heads=1, rope_theta=500000.0, tie_word_embeddings=False,
                                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # the stretched RoPEs of methods/dcis.py's comparison, past original_max_position_embeddings (64)
+    "pi_linear": dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
+                      rope_scaling={"rope_type": "linear", "factor": 8.0}),
+    "yarn": dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
+                 rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64}),
+    "yarn_mscale_untruncated": dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32, rope_theta=500.0,
+                                    rope_scaling={"rope_type": "yarn", "factor": 8.0, "beta_fast": 4, "beta_slow": 2,
+                                                  "mscale": 0.707, "mscale_all_dim": 1.0, "truncate": False,
+                                                  "original_max_position_embeddings": 64}),
+    # without `factor`: both take max_position_embeddings / original (8) for the attention factor
+    "longrope": dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
+                     rope_scaling={"rope_type": "longrope", "original_max_position_embeddings": 64,
+                                   "long_factor": [1.0, 1.3, 1.9, 2.4, 3.1, 5.5, 7.0, 9.0],
+                                   "short_factor": [1.0, 1.0, 1.1, 1.1, 1.2, 1.3, 1.3, 1.5]}),
 }
 
 
@@ -26,7 +40,8 @@ def test_logits_match_transformers(tmp_path, name):
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager")
     ours = load_model(tmp_path, dtype=torch.float32)
 
-    # 300 positions: well past original_max_position_embeddings (64), where llama3 scaling matters
+    # 300 positions: well past original_max_position_embeddings (64), where the scaling matters (and where
+    # transformers' longrope uses long_factor, as ours always does for a stretched config)
     tokens = torch.randint(0, BASE["vocab_size"], (2, 300), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(tokens).logits
@@ -132,8 +147,10 @@ def test_every_rope_type_in_the_table_is_accepted_by_the_loader_with_its_keys():
     from model import ROPE_TYPES
     config = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                   vocab_size=100, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512)
-    for kind, (keys, _) in ROPE_TYPES.items():
-        scaling = {"rope_type": kind, **{k: 2.0 for k in keys}}
+    pairs = 64 // 4 // 2
+    values = {"long_factor": [2.0] * pairs, "short_factor": [1.5] * pairs, "truncate": False}  # lists, a bool
+    for kind, rope in ROPE_TYPES.items():
+        scaling = {"rope_type": kind, **{k: values.get(k, 2.0) for k in rope.keys + rope.optional}}
         args = args_from_config(config | {"rope_scaling": scaling})
         assert args.rope_scaling == scaling
 
