@@ -113,6 +113,7 @@ def run_point(spec: dict) -> dict:
     device, dtype = torch.device(spec["device"]), DTYPES[spec["dtype"]]
     cuda = device.type == "cuda"
     if cuda:
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec["budget_gib"] * 2**30 / total), device)
 
