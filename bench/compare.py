@@ -30,11 +30,20 @@ class Row(NamedTuple):
     command: str = "python -m bench.replicate"  # what writes the results
 
 
+DCIS_COMMAND = "python -m bench.dcis --device cuda --out bench/results/dcis"
+
 ROWS = [
     Row("base, W=2K", "main-*.json", "base", ("score_base",), ("score_base_s",)),
     Row("base, W=8K (full context)", "base-w8192-*.json", "base", ("score_base",), ("score_base_s",), "base_32768"),
     Row("Temp-LoRA, W=2K", "main-*.json", "templora", ("score_templora", "train"), ("score_templora_s", "train_s"),
         "templora_32768"),
+    # bench/dcis.py: the window stretched past SmolLM2's trained 8K by DCIS's searched RoPE factors
+    Row("Temp-LoRA, W=8K", "dcis/dcis-plain-w8192-*.json", "templora", ("score_templora", "train"),
+        ("score_templora_s", "train_s"), command=DCIS_COMMAND),
+    Row("base, W=16K (DCIS-stretched)", "dcis/dcis-stretched-w16384-*.json", "base", ("score_base",), ("score_base_s",),
+        command=DCIS_COMMAND),
+    Row("Temp-LoRA, W=16K (DCIS-stretched)", "dcis/dcis-stretched-w16384-*.json", "templora", ("score_templora", "train"),
+        ("score_templora_s", "train_s"), command=DCIS_COMMAND),
 ]
 
 

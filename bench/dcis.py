@@ -76,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(a, key) is None:
             setattr(a, key, value)
     a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
-    a.parts = a.parts.split(",")
+    a.parts = [part for part in a.parts.split(",") if part]  # "" runs the search alone
     if set(a.parts) - set(PARTS):
         p.error(f"--parts: unknown {sorted(set(a.parts) - set(PARTS))} (of {', '.join(PARTS)})")
     try:
@@ -291,16 +291,25 @@ def main(argv=None) -> int:
         tokenizer = load_tokenizer(Path(a.model), config)
         L = a.original or config["max_position_embeddings"]
         search_file = (Path(a.train_books_dir) / f"{a.search_book}.txt").resolve()
-        held_out = {(Path(a.books_dir) / f"{b}.txt").resolve()
-                    for b in a.eval_books.split(",") + a.templora_books.split(",")}
+        used = (a.eval_books.split(",") if "ppl" in a.parts else []) + \
+            (a.templora_books.split(",") if "templora" in a.parts else [])
+        held_out = {(Path(a.books_dir) / f"{b}.txt").resolve() for b in used}
         if search_file in held_out:
             fail(f"--search-book {search_file} is also an evaluation book: the search must not see them")
+        missing = [str(f) for f in sorted(held_out | {search_file}) if not f.is_file()]
+        if missing:  # checked before the search, not after it
+            fail(f"books not found: {', '.join(missing)} (--books-dir, --train-books-dir and the book ids)")
         say(f"bench.dcis: {model_label(a.model)}, L = {L}, s = {a.stretch:g}, target {round(L * a.stretch)} tokens; "
             f"{a.dtype} on {a.device}; parts {','.join(a.parts)} -> {out}")
         search = run_search(a, L, tokenizer, out)  # replays its log if there is one: no evaluation is redone
         if "ppl" in a.parts:
             results = run_ppl(a, L, tokenizer, out, search)
             say(table(results))
+            target = str(round(L * a.stretch))
+            ours, yarn = (results["pooled"][m].get(target) for m in ("DCIS", "YaRN"))
+            if ours and yarn:
+                say(f"DCIS vs YaRN at {target} tokens on the held-out books: {ours:.3f} vs {yarn:.3f} "
+                    f"({100 * (ours / yarn - 1):+.2f}%)")
         if "templora" in a.parts:
             run_templora(a, L, tokenizer, out, search)
     except (CheckpointError, ValueError, OSError) as e:
