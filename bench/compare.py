@@ -35,6 +35,7 @@ SUPRA_COMMAND = ("python -m bench.supra --device cuda --model DIR --books-dir DI
 UIO = "python -m bench.uio --model DIR --books-dir DIR --train-books-dir DIR --device cuda --out bench/results"
 UIO_COST = dict(flop_phases=("decode", "encode"), time_keys=("decode_s", "encode_s"), command=UIO)
 BPT_COMMAND = "python -m bench.bpt books --device cuda --model DIR --books-dir DIR --out bench/results"
+DCIS_COMMAND = "python -m bench.dcis --device cuda --out bench/results/dcis"
 
 ROWS = [
     Row("base, W=2K", "main-*.json", "base", ("score_base",), ("score_base_s",)),
@@ -59,6 +60,13 @@ ROWS = [
         ("score_templora_s", "train_s"), command=BPT_COMMAND),
     Row("Temp-LoRA, W=2K, L_T=4K (blockwise)", "bpt-LT4096-*.json", "templora", (), ("score_templora_s", "train_s"),
         command=BPT_COMMAND),
+    # bench/dcis.py: the window stretched past SmolLM2's trained 8K by DCIS's searched RoPE factors
+    Row("Temp-LoRA, W=8K", "dcis/dcis-plain-w8192-*.json", "templora", ("score_templora", "train"),
+        ("score_templora_s", "train_s"), command=DCIS_COMMAND),
+    Row("base, W=16K (DCIS-stretched)", "dcis/dcis-stretched-w16384-*.json", "base", ("score_base",), ("score_base_s",),
+        command=DCIS_COMMAND),
+    Row("Temp-LoRA, W=16K (DCIS-stretched)", "dcis/dcis-stretched-w16384-*.json", "templora", ("score_templora", "train"),
+        ("score_templora_s", "train_s"), command=DCIS_COMMAND),
 ]
 
 

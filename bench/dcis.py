@@ -30,8 +30,6 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import torch
-
 from bench.common import EVAL_BOOKS, MODEL_DIR, REPLICATION, TRAIN_BOOKS, model_label
 from bench.flops import FlopCounter
 from load_llama import CheckpointError, args_from_config, load_model, load_tokenizer, read_json
@@ -49,6 +47,7 @@ SIZES = {  # --quick: a tiny random checkpoint that we pretend was trained on 64
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(MODEL_DIR), help="checkpoint with plain RoPE (SmolLM2-135M)")
+    p.add_argument("--model-label", help="model name for the JSONs and the plot (default: from the directory name)")
     p.add_argument("--books-dir", default=str(EVAL_BOOKS), help="held-out books (pg19-templora40)")
     p.add_argument("--train-books-dir", default=str(TRAIN_BOOKS), help="the search's book (pg19-test)")
     p.add_argument("--search-book", default="10146", help="book id in --train-books-dir that DCIS is scored on")
@@ -76,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(a, key) is None:
             setattr(a, key, value)
     a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
-    a.parts = a.parts.split(",")
+    a.parts = [part for part in a.parts.split(",") if part]  # "" runs the search alone
     if set(a.parts) - set(PARTS):
         p.error(f"--parts: unknown {sorted(set(a.parts) - set(PARTS))} (of {', '.join(PARTS)})")
     try:
@@ -112,6 +111,17 @@ def read_book(folder: str, book: str, tokenizer, n: int) -> list[int]:
     if len(ids) < n:
         fail(f"{path}: {len(ids)} tokens, fewer than the {n} needed")
     return ids[:n]
+
+
+def label(a: argparse.Namespace) -> str:
+    return a.model_label or model_label(a.model)
+
+
+def check_settings(path: Path, stored: dict, settings: dict) -> None:
+    """A result on disk is reused only if it was made with `settings`."""
+    differ = sorted(k for k in settings if stored.get(k) != settings[k])
+    if differ:
+        fail(f"{path} was made with other settings ({', '.join(differ)}): choose another --out or delete it")
 
 
 def base_settings(a: argparse.Namespace, L: int) -> dict:
@@ -170,10 +180,8 @@ def run_ppl(a: argparse.Namespace, L: int, tokenizer, out: Path, search: dict) -
     settings = base_settings(a, L) | {"eval_books": a.eval_books, "dcis_factors": search["factors"],
                                       "dcis_attention_factor": search["attention_factor"]}
     results = json.loads(path.read_text()) if path.exists() else {"settings": settings, "methods": {}}
-    differ = sorted(k for k in settings if results["settings"].get(k) != settings[k])
-    if differ:
-        fail(f"{path} was made with other settings ({', '.join(differ)}): choose another --out or delete it")
-    results |= {"search": search, "command": COMMAND, "model_label": model_label(a.model)}
+    check_settings(path, results["settings"], settings)
+    results |= {"search": search, "command": COMMAND, "model_label": label(a)}
     books = a.eval_books.split(",")
     ids = {b: read_book(a.books_dir, b, tokenizer, max(a.lengths)) for b in books}
     plain = args_from_config(read_json(Path(a.model) / "config.json"))
@@ -253,10 +261,7 @@ def run_templora(a: argparse.Namespace, L: int, tokenizer, out: Path, search: di
         for book in a.templora_books.split(","):
             path = out / f"{name}-w{window}-{book}.json"
             if path.exists():
-                stored = json.loads(path.read_text())
-                differ = sorted(k for k in settings if stored.get(k) != settings[k])
-                if differ:
-                    fail(f"{path} was made with other settings ({', '.join(differ)}): choose another --out or delete it")
+                check_settings(path, json.loads(path.read_text()), settings)
             else:
                 todo.append((book, path))
         if not todo:
@@ -264,14 +269,15 @@ def run_templora(a: argparse.Namespace, L: int, tokenizer, out: Path, search: di
         model = load_model(source, a.device, DTYPES[a.dtype])
         for book, path in todo:
             ids = read_book(a.books_dir, book, tokenizer, a.templora_tokens + 1)
-            say(f"[templora] {name}, W={window}, L_x={cfg.keep}, book {book}: {a.templora_tokens} tokens, Δ={cfg.delta}")
+            say(f"[templora] {name}, W={window}, L_x={cfg.keep}, book {book}: {a.templora_tokens} tokens, "
+                f"Δ={cfg.delta}")
 
             def progress(chunks, done, total, elapsed):
                 if len(chunks) % 8 == 0 or done == total:
                     say(f"  {done - 1}/{total - 1} tokens, {elapsed:.0f} s")
             with FlopCounter(model) as counter:
                 r = evaluate(model, ids, cfg, None, progress, extras=lambda: {"flops": counter.take()})
-            r |= settings | {"run": name, "book": book, "command": COMMAND, "model_label": model_label(a.model),
+            r |= settings | {"run": name, "book": book, "command": COMMAND, "model_label": label(a),
                              "checkpoint": str(source), "flops": counter.totals}
             write_json(path, r)
             say(f"  ppl base {r['ppl_base']:.3f}, Temp-LoRA {r['ppl_templora']:.3f}; "
@@ -291,16 +297,25 @@ def main(argv=None) -> int:
         tokenizer = load_tokenizer(Path(a.model), config)
         L = a.original or config["max_position_embeddings"]
         search_file = (Path(a.train_books_dir) / f"{a.search_book}.txt").resolve()
-        held_out = {(Path(a.books_dir) / f"{b}.txt").resolve()
-                    for b in a.eval_books.split(",") + a.templora_books.split(",")}
+        used = (a.eval_books.split(",") if "ppl" in a.parts else []) + \
+            (a.templora_books.split(",") if "templora" in a.parts else [])
+        held_out = {(Path(a.books_dir) / f"{b}.txt").resolve() for b in used}
         if search_file in held_out:
             fail(f"--search-book {search_file} is also an evaluation book: the search must not see them")
-        say(f"bench.dcis: {model_label(a.model)}, L = {L}, s = {a.stretch:g}, target {round(L * a.stretch)} tokens; "
+        missing = [str(f) for f in sorted(held_out | {search_file}) if not f.is_file()]
+        if missing:  # checked before the search, not after it
+            fail(f"books not found: {', '.join(missing)} (--books-dir, --train-books-dir and the book ids)")
+        say(f"bench.dcis: {label(a)}, L = {L}, s = {a.stretch:g}, target {round(L * a.stretch)} tokens; "
             f"{a.dtype} on {a.device}; parts {','.join(a.parts)} -> {out}")
         search = run_search(a, L, tokenizer, out)  # replays its log if there is one: no evaluation is redone
         if "ppl" in a.parts:
             results = run_ppl(a, L, tokenizer, out, search)
             say(table(results))
+            target = str(round(L * a.stretch))
+            ours, yarn = (results["pooled"][m].get(target) for m in ("DCIS", "YaRN"))
+            if ours and yarn:
+                say(f"DCIS vs YaRN at {target} tokens on the held-out books: {ours:.3f} vs {yarn:.3f} "
+                    f"({100 * (ours / yarn - 1):+.2f}%)")
         if "templora" in a.parts:
             run_templora(a, L, tokenizer, out, search)
     except (CheckpointError, ValueError, OSError) as e:

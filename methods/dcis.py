@@ -93,6 +93,8 @@ def document_nll(model: Transformer, ids: list[int], rows: int = 2048) -> float:
     for a in range(0, len(targets), rows):
         logits = model.output(h[a:a + rows]).float()                          # (rows, vocab)
         nll += F.cross_entropy(logits, targets[a:a + rows], reduction="sum").item()
+    if not math.isfinite(nll):
+        raise ValueError(f"the NLL of a {len(ids)}-token document is {nll}: an error, never a result")
     return nll
 
 
@@ -208,13 +210,14 @@ def search(model: Transformer, ids: list[int], s: float, old_len: int, init: str
     known = read_log(log_path, settings) if log_path else {}
     start = start_factors(init, model.args, s, old_len)
     total = min(schedule_size(len(start), offsets, min_group), max_evals or math.inf)
-    t0, plain = time.perf_counter(), model.args
+    t0, plain, lowest = time.perf_counter(), model.args, [math.inf]
 
     def on_eval(factors, value, fresh, count):
+        lowest[0] = min(lowest[0], value)
         if fresh and log_path:
             write_json(log_path, {"settings": settings, "evaluations": known})
         if fresh and progress:
-            progress(f"[dcis {count}/{total}] ppl {value:.4f}  ({time.perf_counter() - t0:.0f} s)")
+            progress(f"[dcis {count}/{total}] ppl {value:.4f} (best {lowest[0]:.4f})  {time.perf_counter() - t0:.0f} s")
 
     try:
         result = dcis(lambda f: stretched_perplexity(model, ids, f, s, old_len, attention_factor), start,
