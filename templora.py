@@ -321,7 +321,8 @@ def save(path: str, write) -> None:
     try:
         write(path)
     except OSError as e:
-        raise OutputError(f"--out {path}: cannot write ({e.strerror or e}); the file there is unchanged") from None
+        raise OutputError(f"--out {path}: cannot write ({e.strerror or e}); "
+                          "the file there is as it was before") from None
 
 
 def load(a: argparse.Namespace):

@@ -81,7 +81,7 @@ def test_eval_on_a_full_disk_stops_with_one_line_and_keeps_the_previous_result(c
     monkeypatch.setattr(protocol, "open", full_disk_after(100), raising=False)
     assert eval_cli(ckpt, book, out) == 2
     err = capsys.readouterr().err
-    assert f"error: --out {out}: cannot write (No space left on device); the file there is unchanged" in err
+    assert f"error: --out {out}: cannot write (No space left on device); the file there is as it was before" in err
     assert "Traceback" not in err and out.read_text() == '{"previous": "result"}\n'
 
 
