@@ -241,7 +241,8 @@ def read_text(path: str, what: str) -> str:
 
 
 # Every numeric flag and the values it takes, checked before anything is loaded. (How knobs relate to one
-# another and to the model, e.g. --window <= max_position_embeddings, is check_config's: API callers get it too.)
+# another and to the model, e.g. --window <= max_position_embeddings, is check_config's: API callers get it too;
+# so are --base-window and --blockwise, which check_config alone checks.)
 FLAG_RANGES = [  # (flag, allowed, test); a flag that a command lacks is skipped
     ("--delta", "at least 2", lambda v: v >= 2),
     ("--context", "at least 0", lambda v: v >= 0),
@@ -254,7 +255,6 @@ FLAG_RANGES = [  # (flag, allowed, test); a flag that a command lacks is skipped
     ("--warmup-blocks", "at least 0", lambda v: v >= 0),
     ("--epochs", "at least 1", lambda v: v >= 1),
     ("--seed", "in [0, 2**63 - 1]", lambda v: 0 <= v < 2**63),
-    ("--blockwise", "at least 0 (0: off)", lambda v: v >= 0),
     ("--threads", "at least 0 (0: torch's default)", lambda v: v >= 0),
     ("--max-tokens", "at least 0 (0: the whole text)", lambda v: v >= 0),
     ("--max-new-tokens", "at least 1", lambda v: v >= 1),

@@ -105,7 +105,7 @@ def run_cli(command, ckpt, book, out, *argv):
     ("generate", ["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
     ("generate", ["--seed", "-1"], "--seed must be in [0, 2**63 - 1], got -1"),
     ("eval", ["--seed", str(2**64)], f"--seed must be in [0, 2**63 - 1], got {2**64}"),
-    ("eval", ["--blockwise", "-1"], "--blockwise must be at least 0 (0: off), got -1"),
+    ("eval", ["--blockwise", "-1"], "--blockwise must be >= 0 (0: off), got -1"),
     ("eval", ["--base-window", "16"], "--base-window (16) must be larger than --delta (32)"),
     ("eval", ["--dropout", "2", "--lr", "-1"], "--dropout must be in [0, 1), got 2.0; --lr must be positive"),
 ])
