@@ -8,6 +8,8 @@ CheckpointError with a message that names the file, key or setting at fault.
 """
 import base64
 import json
+import math
+import os
 import re
 from dataclasses import fields, replace
 from pathlib import Path
@@ -253,11 +255,26 @@ def load_tokenizer(ckpt_dir: Path, config: dict) -> Tokenizer:
 # ----------------------------------------------------------------------------- config.json
 
 def args_from_config(config: dict, source: str = "config.json") -> ModelArgs:
-    """Map every config.json key we use, by name. A missing key or an unsupported setting is an error."""
+    """Map every config.json key we use, by name. A missing key, an unsupported setting, or a value of the
+    wrong type or range is an error that names the key and the value."""
     def need(key):
         if key not in config:
             raise CheckpointError(f"{source}: missing key {key!r}")
         return config[key]
+
+    def size(key, default=None) -> int:
+        """A positive integer (not 64.0, "64", true or null); `default` when the key is absent or null."""
+        value = need(key) if default is None else config.get(key)
+        if value is None and default is not None:  # an optional key, absent or null
+            value = default
+        if type(value) is not int or value < 1:  # type(): True is an int to Python, not to us
+            raise CheckpointError(f"{source}: {key} must be a positive integer, got {json.dumps(value)}")
+        return value
+
+    def positive_number(key, value) -> float:
+        if type(value) not in (int, float) or not 0 < value < math.inf:
+            raise CheckpointError(f"{source}: {key} must be a positive finite number, got {json.dumps(value)}")
+        return float(value)
 
     arch = config.get("architectures") or ["LlamaForCausalLM"]
     if config.get("model_type", "llama") != "llama" or arch != ["LlamaForCausalLM"]:
@@ -294,26 +311,58 @@ def args_from_config(config: dict, source: str = "config.json") -> ModelArgs:
         raise CheckpointError(f"{source}: unknown rope_type {rope_type!r} "
                               f"(supported: 'default', {', '.join(map(repr, ROPE_TYPES))})")
 
-    n_heads = need("num_attention_heads")
+    dim, n_heads = size("hidden_size"), size("num_attention_heads")
+    n_kv_heads = size("num_key_value_heads", default=n_heads)  # absent: one K/V head per query head
+    if n_heads % n_kv_heads:
+        raise CheckpointError(f"{source}: num_attention_heads ({n_heads}) must be a multiple of "
+                              f"num_key_value_heads ({n_kv_heads}): each K/V head serves a group of query heads")
+    if config.get("head_dim") is None and dim < n_heads:
+        raise CheckpointError(f"{source}: hidden_size ({dim}) < num_attention_heads ({n_heads}) and no head_dim")
+    head_dim = size("head_dim", default=dim // n_heads)
+    if head_dim % 2:
+        raise CheckpointError(f"{source}: head_dim must be even (RoPE rotates pairs of channels), got {head_dim}")
+    tie = config.get("tie_word_embeddings", False)
+    if type(tie) is not bool:
+        raise CheckpointError(f"{source}: tie_word_embeddings must be true or false, got {json.dumps(tie)}")
     args = ModelArgs(
-        dim=need("hidden_size"),
-        n_layers=need("num_hidden_layers"),
+        dim=dim,
+        n_layers=size("num_hidden_layers"),
         n_heads=n_heads,
-        n_kv_heads=config.get("num_key_value_heads") or n_heads,
-        head_dim=config.get("head_dim") or need("hidden_size") // n_heads,
-        hidden_dim=need("intermediate_size"),
-        vocab_size=need("vocab_size"),
-        norm_eps=need("rms_norm_eps"),
-        rope_theta=float(rope_theta),
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        hidden_dim=size("intermediate_size"),
+        vocab_size=size("vocab_size"),
+        norm_eps=positive_number("rms_norm_eps", need("rms_norm_eps")),
+        rope_theta=positive_number("rope_theta", rope_theta),
         rope_scaling=rope_scaling,
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        max_seq_len=need("max_position_embeddings"),
+        tie_embeddings=tie,
+        max_seq_len=size("max_position_embeddings"),
     )
     try:  # the rope type's own checks (lengths of factor lists, positive divisors) on the real sizes
         rope_inv_freq(args)
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{source}: rope_scaling of type {rope_type!r}: {e}") from None
     return args
+
+
+def parameter_count(args: ModelArgs) -> int:
+    """How many numbers the model's weights hold, from its settings alone (to refuse an absurd config
+    before allocating it)."""
+    attention = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)  # wq, wo; wk, wv
+    layer = attention + 3 * args.dim * args.hidden_dim + 2 * args.dim                 # + w1 w2 w3, two norms
+    embeddings = args.vocab_size * args.dim * (1 if args.tie_embeddings else 2)        # + the head if untied
+    return args.n_layers * layer + embeddings + args.dim
+
+
+def device_memory(device) -> tuple[int, str]:
+    """(bytes, what they are) of the memory the weights will live in: the GPU's, else this machine's RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"{device} has"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): a ceiling no real model reaches
+        return 2**40, "the ceiling is"
 
 
 # ----------------------------------------------------------------------------- weights
@@ -381,6 +430,10 @@ def load_weights(model: Transformer, files: list[Path], dtype: torch.dtype) -> N
                         raise CheckpointError(f"{f}: tensor {key!r} has unsupported dtype {tensor.dtype}")
                     with torch.no_grad():
                         param.copy_(tensor.to(dtype))
+                    if not torch.isfinite(param).all():  # checked in `dtype`: a float32 1e38 is inf in float16
+                        bad = (~torch.isfinite(param)).sum().item()
+                        raise CheckpointError(f"{f}: tensor {key!r} holds {bad} NaN or infinite value(s) "
+                                              f"(in {str(dtype).removeprefix('torch.')})")
                     loaded.add(key)
         except SafetensorError as e:  # truncated file, bad header, ...
             raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
@@ -419,6 +472,13 @@ def load_model(path, device="cpu", dtype: torch.dtype = torch.bfloat16, changes:
         raise ValueError(f"changes: {sorted(unknown)} are not ModelArgs fields")
     args = replace(args, **(changes or {}))
     files = safetensors_files(ckpt)
+    n, (memory, has) = parameter_count(args), device_memory(device)
+    if n * dtype.itemsize > memory:  # refused before allocating: a typo in a size must not take the machine down
+        raise CheckpointError(
+            f"{ckpt / 'config.json'}: hidden_size={args.dim}, intermediate_size={args.hidden_dim}, "
+            f"num_hidden_layers={args.n_layers}, vocab_size={args.vocab_size} make {n:,} parameters, "
+            f"{n * dtype.itemsize / 2**30:,.1f} GiB in {str(dtype).removeprefix('torch.')}: more than the "
+            f"{memory / 2**30:,.1f} GiB {has}")
     with torch.device("meta"):
         model = Transformer(args).to(dtype)  # shapes and dtypes only: no memory, no random init
     model = model.to_empty(device=device)
@@ -434,5 +494,11 @@ def load_llama(path, device="cpu", dtype: torch.dtype = torch.bfloat16) -> tuple
     ckpt = Path(path)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: checkpoint directory not found")
-    tokenizer = load_tokenizer(ckpt, read_json(ckpt / "config.json"))  # first: a bad tokenizer fails fast
+    config_path = ckpt / "config.json"
+    config = read_json(config_path)
+    tokenizer = load_tokenizer(ckpt, config)  # first: a bad tokenizer fails fast
+    vocab_size = args_from_config(config, str(config_path)).vocab_size
+    if tokenizer.n_words > vocab_size:  # (a larger model vocabulary is fine: padded embeddings are common)
+        raise CheckpointError(f"{config_path}: vocab_size is {vocab_size}, but the tokenizer has ids up to "
+                              f"{tokenizer.n_words - 1}: the model has no embedding for them")
     return load_model(ckpt, device, dtype), tokenizer

@@ -322,20 +322,26 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
 @torch.no_grad()
 def generate(model: Transformer, cache: KVCache, pending: list[int], start_pos: int, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, stop_ids: tuple[int, ...] = (),
-             generator: torch.Generator | None = None) -> list[int]:
+             generator: torch.Generator | None = None, n_vocab: int | None = None, on_token=None) -> list[int]:
     """Feed `pending` (tokens not yet in the cache) at start_pos, then sample up to max_new_tokens.
 
     Returns the new tokens, stopping after a stop token. On return the cache holds every position
-    up to, but not including, the last new token: it is the next call's `pending`."""
+    up to, but not including, the last new token: it is the next call's `pending`.
+    `n_vocab`: sample only ids below it, the tokenizer's vocabulary (a checkpoint may pad its embedding
+    matrix past it; those rows are no tokens). `on_token(id)` is called on each new token as it comes."""
     device = cache.k[0].device
     new: list[int] = []
     pos = start_pos
     tokens = torch.tensor([pending], device=device)
     for _ in range(max_new_tokens):
         logits = model(tokens, pos, cache, last=1)  # (1, 1, vocab)
+        if not torch.isfinite(logits).all():  # argmax would still pick a token: garbage, reported as text
+            raise ValueError(f"generate: the logits at position {pos + tokens.shape[1] - 1} are not finite")
         pos += tokens.shape[1]
-        next_id = sample(logits[0, -1], temperature, top_p, generator)
+        next_id = sample(logits[0, -1, :n_vocab], temperature, top_p, generator)  # (n_vocab,): padded ids never
         new.append(next_id)
+        if on_token:
+            on_token(next_id)
         if next_id in stop_ids:
             break
         tokens = torch.tensor([[next_id]], device=device)

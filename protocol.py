@@ -9,10 +9,14 @@ kept per block (train losses, a recompute flag, FLOPs). `evaluate_blocks` calls 
 returns `ppl_<name>` = exp(summed NLL / scored tokens) for each scorer, the blocks, and the wall time.
 
 Also here: `Window`, the sliding KV-cache window that scores a block with a model's ordinary attention,
-and `score_block`, which does so.
+and `score_block`, which does so; and `write_json`, how every result file is written (strict JSON, atomically).
 """
+import json
 import math
+import os
+import secrets
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -133,3 +137,33 @@ def score_block(model: Transformer, window: Window, ids: list[int], start: int, 
     window.advance(len(feed))
     targets = torch.tensor(ids[start:end], device=logits.device)
     return F.cross_entropy(logits[0].float(), targets, reduction="sum").item()
+
+
+# ----------------------------------------------------------------------------- result files
+
+def write_text_atomic(path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`: a reader (or a resumed
+    run) sees the old file or the new one, never half of one, and a failure (full disk, Ctrl-C) leaves
+    the old file as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # same folder: rename is atomic
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:  # "x": a fresh file with the usual permissions
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, obj, default=None) -> None:
+    """`obj` as strict JSON (no NaN or Infinity, which strict parsers reject), written atomically.
+    `default` as in json.dumps (e.g. str, for values JSON has no type for)."""
+    try:
+        text = json.dumps(obj, indent=1, allow_nan=False, default=default) + "\n"
+    except ValueError as e:  # a non-finite float: a bug upstream, never written as a result
+        raise ValueError(f"{path}: not written: the result holds a non-finite number ({e})") from None
+    write_text_atomic(path, text)

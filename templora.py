@@ -8,9 +8,9 @@ KV cache. At the end the adapter is discarded: the base model is exactly what wa
     python templora.py eval --model DIR --text BOOK.txt --out results.json
 """
 import argparse
-import json
 import math
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -21,7 +21,8 @@ import torch
 from lora import add_lora, lora_disabled, lora_parameters, remove_lora
 from methods import bpt
 from model import Transformer, generate
-from protocol import Window, evaluate_blocks, perplexity, position_table, score_block
+from protocol import (Window, evaluate_blocks, perplexity, position_table, score_block, scorers, write_json,
+                      write_text_atomic)
 from train_block import block_loss, make_optimizer, train_block
 
 REPO = Path(__file__).resolve().parent
@@ -94,9 +95,10 @@ def lr_at(block: int, cfg: TempLoRAConfig) -> float:
 
 def generate_templora(model: Transformer, prompt: list[int], max_new_tokens: int, cfg: TempLoRAConfig,
                       temperature: float = 0.0, top_p: float = 1.0, stop_ids: tuple[int, ...] = (),
-                      log=print) -> list[int]:
+                      log=print, n_vocab: int | None = None, on_token=None) -> list[int]:
     """Algorithm 1 of the paper: generate a block, train the adapter on it, reuse the cache, repeat;
-    discard the adapter at the end. Returns the generated tokens."""
+    discard the adapter at the end. Returns the generated tokens. `n_vocab` and `on_token` go to
+    model.generate (sample only the tokenizer's ids; see each token as it comes, e.g. to keep them on Ctrl-C)."""
     check_config(cfg, model)
     if not prompt:
         raise ValueError("the prompt is empty (and the tokenizer has no BOS token to start from)")
@@ -117,7 +119,8 @@ def generate_templora(model: Transformer, prompt: list[int], max_new_tokens: int
                 log(f"[block {block}] reuse: cache keeps the K/V of {window.length} tokens from earlier adapters")
             # 1. generate Δ tokens with the current adapter; the cache holds K/V of older adapters
             pending = text[window.end:]
-            new = generate(model, window.cache, pending, window.length, n, temperature, top_p, stop_ids, sampler)
+            new = generate(model, window.cache, pending, window.length, n, temperature, top_p, stop_ids, sampler,
+                           n_vocab, on_token)
             # generate() encoded the pending tokens and every new token but the last (the last was sampled
             # from the logits of the one before it and never fed): it is the next block's first pending token
             window.advance(len(pending) + len(new) - 1)
@@ -163,8 +166,8 @@ def eval_block(model: Transformer, ids: list[int], start: int, end: int, base_wi
         out["seconds"]["score_templora"] = time.perf_counter() - tic
         tic = time.perf_counter()
         context = ids[max(0, start - cfg.context): start]
-        out["train_loss"] = train_block(model, optimizer, context, ids[start:end], lr, cfg.epochs,
-                                        loss_fn=adapter_loss(cfg))
+        losses = train_block(model, optimizer, context, ids[start:end], lr, cfg.epochs, loss_fn=adapter_loss(cfg))
+        out["train_loss"] = [x if math.isfinite(x) else None for x in losses]  # None: a skipped step (no NaN in JSON)
         if not cfg.cache_reuse:
             lora_win.invalidate()
         out["seconds"]["train"] = time.perf_counter() - tic
@@ -199,7 +202,7 @@ def evaluate(model: Transformer, ids: list[int], cfg: TempLoRAConfig, base_windo
     return result | {
         "ppl_templora": result.get("ppl_templora"),  # None for a base-only run
         "recomputes": {"base": base_win.recomputes, "templora": lora_win.recomputes if cfg.templora else None},
-        "skipped_updates": sum(math.isnan(x) for c in chunks for x in c.get("train_loss", [])),
+        "skipped_updates": sum(x is None for c in chunks for x in c.get("train_loss", [])),
         "config": asdict(cfg) | {"base_window": base_size},
         "timings": seconds | result["timings"],
     }
@@ -212,7 +215,9 @@ def progress_bar(chunks: list[dict], done: int, total: int, elapsed: float) -> N
     blocks = math.ceil((total - 1) / chunks[0]["tokens"])
     line = f"\rblock {len(chunks)}/{blocks}  ppl base {perplexity(chunks, 'base'):.2f}  "
     if "nll_templora" in chunks[-1]:
-        line += f"templora {perplexity(chunks, 'templora'):.2f}  train loss {chunks[-1]['train_loss'][-1]:.3f}  "
+        loss = chunks[-1]["train_loss"][-1]
+        loss = "skipped" if loss is None else f"{loss:.3f}"  # None: a non-finite loss or gradient
+        line += f"templora {perplexity(chunks, 'templora'):.2f}  train loss {loss}  "
     sys.stderr.write(line + f"{done / elapsed:.0f} tok/s ")
     sys.stderr.flush()
 
@@ -231,6 +236,93 @@ def read_text(path: str, what: str) -> str:
         raise ValueError(f"{what} {path}: file not found") from None
     except (UnicodeDecodeError, IsADirectoryError) as e:
         raise ValueError(f"{what} {path}: cannot read as UTF-8 text ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot read ({e.strerror})") from None
+
+
+# Every numeric flag and the values it takes, checked before anything is loaded. (How knobs relate to one
+# another and to the model, e.g. --window <= max_position_embeddings, is check_config's: API callers get it too;
+# so are --base-window and --blockwise, which check_config alone checks.)
+FLAG_RANGES = [  # (flag, allowed, test); a flag that a command lacks is skipped
+    ("--delta", "at least 2", lambda v: v >= 2),
+    ("--context", "at least 0", lambda v: v >= 0),
+    ("--window", "at least 3", lambda v: v >= 3),
+    ("--keep", "at least 1", lambda v: v >= 1),
+    ("--rank", "positive", lambda v: v > 0),
+    ("--alpha", "positive and finite", lambda v: 0 < v < math.inf),  # alpha 0 is no adapter at all
+    ("--dropout", "in [0, 1)", lambda v: 0 <= v < 1),                 # 1 would drop every input
+    ("--lr", "positive and finite", lambda v: 0 < v < math.inf),
+    ("--warmup-blocks", "at least 0", lambda v: v >= 0),
+    ("--epochs", "at least 1", lambda v: v >= 1),
+    ("--seed", "in [0, 2**63 - 1]", lambda v: 0 <= v < 2**63),
+    ("--threads", "at least 0 (0: torch's default)", lambda v: v >= 0),
+    ("--max-tokens", "at least 0 (0: the whole text)", lambda v: v >= 0),
+    ("--max-new-tokens", "at least 1", lambda v: v >= 1),
+    ("--temperature", "finite and at least 0 (0: greedy)", lambda v: 0 <= v < math.inf),
+    ("--top-p", "in (0, 1]", lambda v: 0 < v <= 1),
+]
+
+
+def device_problem(name: str) -> str | None:
+    """Why --device cannot be used here (None: it can)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return "not a device (e.g. cpu, cuda, cuda:1, mps)"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"CUDA is not available (torch {torch.__version__})"
+        if (device.index or 0) >= torch.cuda.device_count():
+            return f"there are {torch.cuda.device_count()} CUDA devices (cuda:0 ..)"
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        return "MPS is not available"
+    elif device.type not in ("cpu", "cuda", "mps"):
+        return "not supported (cpu, cuda or mps)"
+    return None
+
+
+def check_out(path: str, flag: str = "--out") -> None:
+    """Refuse an output path that cannot be written, before the run rather than after it."""
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"{flag} {path}: is a directory; give a file name")
+    folder = out.parent
+    while not folder.exists():  # folders still to create: the first one that exists must take them
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: {folder} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()  # what the atomic write does there: create a file
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot create files in {folder} ({e.strerror})") from None
+
+
+def check_args(a: argparse.Namespace) -> None:
+    """Every flag of `eval` and `generate` against the values it allows: one line naming each bad one."""
+    problems = []
+    for flag, allowed, ok in FLAG_RANGES:
+        value = getattr(a, flag[2:].replace("-", "_"), None)
+        if value is not None and not ok(value):
+            problems.append(f"{flag} must be {allowed}, got {value}")
+    if (why := device_problem(a.device)) is not None:
+        problems.append(f"--device {a.device}: {why}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    if a.out:
+        check_out(a.out)
+
+
+class OutputError(ValueError):
+    """--out could not be written (full disk, permissions): the run stops; the old file is untouched."""
+
+
+def save(path: str, write) -> None:
+    """write(path) (protocol.write_json or write_text_atomic); a failed write names --out."""
+    try:
+        write(path)
+    except OSError as e:
+        raise OutputError(f"--out {path}: cannot write ({e.strerror or e}); "
+                          "the file there is as it was before") from None
 
 
 def load(a: argparse.Namespace):
@@ -241,34 +333,72 @@ def load(a: argparse.Namespace):
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
+    check_args(a)
     model, tok = load(a)
     cfg = config_from_args(a)
     prompt_text = read_text(a.prompt_file, "--prompt-file")
     prompt = tok.encode(prompt_text, bos=tok.bos_id is not None)  # empty prompt: start from BOS alone
     t0 = time.perf_counter()
     log = (lambda s: print(s, file=sys.stderr)) if not a.quiet else (lambda s: None)
-    new = generate_templora(model, prompt, a.max_new_tokens, cfg, a.temperature, a.top_p,
-                            tuple(tok.stop_ids), log)
+    new: list[int] = []  # filled token by token, so that Ctrl-C or an error keeps the text so far
+    stopped = None
+    try:
+        # n_vocab: a checkpoint may pad its vocabulary past the tokenizer's; those ids are never sampled
+        generate_templora(model, prompt, a.max_new_tokens, cfg, a.temperature, a.top_p, tuple(tok.stop_ids), log,
+                          n_vocab=tok.n_words, on_token=new.append)
+    except (KeyboardInterrupt, Exception) as e:
+        if not new:
+            raise
+        stopped = e
     seconds = time.perf_counter() - t0
     out = tok.decode(new)
     if a.out:
-        Path(a.out).write_text(out, encoding="utf-8")
+        save(a.out, lambda path: write_text_atomic(path, out))
     else:
         print(prompt_text + out)
+    if stopped is not None:
+        why = "interrupted" if isinstance(stopped, KeyboardInterrupt) else "stopped"
+        print(f"\n{why} after {len(new)} tokens: the text so far is {'in ' + a.out if a.out else 'above'}",
+              file=sys.stderr)
+        raise stopped  # main() reports it: exit 130 for Ctrl-C, 2 and the error's line otherwise
     print(f"{len(new)} tokens in {seconds:.1f}s ({len(new) / seconds:.1f} tok/s)", file=sys.stderr)
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
+    check_args(a)
     model, tok = load(a)
     cfg = config_from_args(a)
     ids = tok.encode(read_text(a.text, "--text"), bos=tok.bos_id is not None)
     if a.max_tokens:
         ids = ids[: a.max_tokens]
-    result = evaluate(model, ids, cfg, a.base_window, progress=None if a.quiet else progress_bar)
-    result |= {"model": str(a.model), "text": str(a.text), "text_tokens": len(ids), "dtype": a.dtype}
+    about = {"model": str(a.model), "text": str(a.text), "text_tokens": len(ids), "dtype": a.dtype,
+             "device": a.device, "config": asdict(cfg) | {"base_window": a.base_window or cfg.window}}
+
+    def unfinished(chunks: list[dict]) -> dict:  # the blocks done so far, in the result's shape
+        return ({f"ppl_{name}": perplexity(chunks, name) for name in scorers(chunks)}
+                | {"scored_tokens": sum(c["tokens"] for c in chunks), "chunks": chunks} | about | {"complete": False})
+
+    finished: list[dict] = []
+
+    def after_block(chunks: list[dict], done: int, total: int, elapsed: float) -> None:
+        finished[:] = chunks
+        save(a.out, lambda path: write_json(path, unfinished(chunks)))  # a crash or Ctrl-C keeps these blocks
+        if not a.quiet:
+            progress_bar(chunks, done, total, elapsed)
+    try:
+        result = evaluate(model, ids, cfg, a.base_window, progress=after_block)
+    except (KeyboardInterrupt, Exception) as e:
+        if finished and not isinstance(e, OutputError):
+            why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped by an error: {e}"
+            save(a.out, lambda path: write_json(path, unfinished(finished) | {"stopped": why}))
+            print(f"\nkept the {len(finished)} finished block(s) in {a.out} (\"complete\": false)", file=sys.stderr)
+        raise
+    result |= about | {"complete": True}
     sys.stderr.write("\n")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    save(a.out, lambda path: write_json(path, result))
+    if result["skipped_updates"]:
+        print(f"warning: {result['skipped_updates']} adapter update(s) skipped (non-finite loss or gradient; "
+              f"null in train_loss)", file=sys.stderr)
     print(position_table(result["chunks"]))
     overall = f"overall: ppl_base {result['ppl_base']:.3f}"
     if result["ppl_templora"] is not None:

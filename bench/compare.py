@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from bench.common import RESULTS
-from protocol import perplexity, position_buckets
+from protocol import perplexity, position_buckets, write_text_atomic
 
 BUCKETS = position_buckets((0, 4096, 8192, 16384, 32768))
 
@@ -162,10 +162,7 @@ def main(argv=None) -> int:
     if missing:
         table += "\nNot run yet (no results in the folder):\n" + "".join(
             f"- {row.label}: `{row.command}` writes {row.files}\n" for row in missing)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "compare.md.tmp"
-    tmp.write_text(table)
-    tmp.replace(out / "compare.md")
+    write_text_atomic(out / "compare.md", table)
     plot(rows, out / "compare.png")
     print(table + f"\n-> {out / 'compare.md'}, {out / 'compare.png'}")
     return 0

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from bench.common import BASE_WINDOW, BOOK, MODEL_DIR, REPLICATION, REPO, RESULTS, require_model
+from protocol import write_json
 
 # what cmd_eval does before evaluate(): load the checkpoint, tokenize the whole text (run from the repo root)
 LOAD_ONLY = """
@@ -117,8 +118,7 @@ def main(argv=None) -> int:
         t = f"{r['ppl_templora']:.3f}" if r["ppl_templora"] is not None else ""
         print(f"| {key.split('_')[0]} | {r['tokens']} | {r['peak_rss_mib']:.0f} | {r['wall_s']:.0f} | "
               f"{r['ppl_base']:.3f} | {t} |")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"config": vars(a), "runs": runs}, indent=1) + "\n")
+    write_json(a.out, {"config": vars(a), "runs": runs})
     print(f"\n-> {a.out}")
     return 0
 

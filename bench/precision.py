@@ -9,7 +9,6 @@ Runs the same `templora.evaluate` twice on the same token ids, same seed, same k
 and reports both perplexities and the relative difference of Temp-LoRA's, against the 1% bound of issue 5.
 """
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict
@@ -19,6 +18,7 @@ import torch
 
 from bench.common import BOOK, MODEL_DIR, REPLICATION, RESULTS, require_model
 from load_llama import load_llama
+from protocol import write_json
 from templora import DTYPES, add_knob_flags, config_from_args, evaluate, progress_bar
 
 
@@ -63,9 +63,8 @@ def main(argv=None) -> int:
     print(f"\nbf16 vs fp32: base ppl {diff['ppl_base']:+.3f}%, Temp-LoRA ppl {diff['ppl_templora']:+.3f}% "
           f"({'within' if ok else 'OUTSIDE'} the ±{a.bound:g}% bound); bf16 is "
           f"{f32['wall_s'] / b16['wall_s']:.2f}x faster end to end")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"config": vars(a) | {"templora": asdict(cfg)}, "runs": runs,
-                                       "relative_diff_percent": diff, "within_bound": ok}, indent=1) + "\n")
+    write_json(a.out, {"config": vars(a) | {"templora": asdict(cfg)}, "runs": runs,
+                       "relative_diff_percent": diff, "within_bound": ok})
     print(f"-> {a.out}")
     return 0 if ok else 1
 

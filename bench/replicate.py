@@ -22,7 +22,7 @@ import torch
 from bench.common import BASE_WINDOW, EVAL_BOOKS, MODEL_DIR, REPLICATION, RESULTS, model_label, require_model
 from bench.flops import FlopCounter
 from load_llama import load_llama
-from protocol import perplexity, position_buckets
+from protocol import perplexity, position_buckets, write_json, write_text_atomic
 from templora import DTYPES, TempLoRAConfig, add_knob_flags, check_config, config_from_args, evaluate, progress_bar
 
 COMMAND = "python -m bench.replicate " + shlex.join(sys.argv[1:])
@@ -142,8 +142,7 @@ def compute(a: argparse.Namespace, todo: list[Run], label: str, results: dict) -
         r |= settings(run, a) | {"run": run.name, "book": run.book, "model_label": label, "command": COMMAND,
                                  "threads": torch.get_num_threads(), "flops": counter.totals}
         path = out / f"{run.name}-{run.book}.json"
-        path.with_suffix(".tmp").write_text(json.dumps(r, indent=1) + "\n")
-        path.with_suffix(".tmp").replace(path)  # never a half-written JSON that a resume would trust
+        write_json(path, r)  # atomic: never a half-written JSON that a resume would trust
         tl = f", Temp-LoRA {r['ppl_templora']:.3f}" if r["ppl_templora"] else ""
         print(f"\n  ppl base {r['ppl_base']:.3f}{tl}; {r['timings']['total_s']:.0f} s -> {path}", file=sys.stderr)
         results[run.name, run.book] = r
@@ -374,7 +373,7 @@ def main(argv=None) -> None:
              *section_cache(reuse, get(f"recompute-delta{a.cache_delta}"), main_runs, a.ablation_tokens, label),
              *section_tradeoff(main_runs, base_runs, label)]
     out = Path(a.out)
-    (out / "summary.md").write_text("\n".join(lines))
+    write_text_atomic(out / "summary.md", "\n".join(lines))
     plots(main_runs, base_runs, out, label)
     print("\n".join(lines))
 

@@ -25,7 +25,6 @@ once per run to a temporary directory with save_pretrained (bf16) and loaded by 
 """
 import argparse
 import gc
-import json
 import platform
 import statistics
 import sys
@@ -43,7 +42,7 @@ from bench.templora_hf import add_peft_lora, eval_block_hf, make_optimizer_hf, t
 from load_llama import load_model, load_tokenizer, read_json
 from lora import add_lora, lora_parameters, remove_lora
 from model import KVCache, generate
-from protocol import Window
+from protocol import Window, write_json
 from templora import DTYPES, TempLoRAConfig, eval_block
 from train_block import make_optimizer, train_block
 
@@ -424,8 +423,7 @@ def main(argv=None) -> int:
         if notes:
             print("\n" + "; ".join(notes))
     print(f"\ntotal {result['total_s']:.0f}s")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1, default=str) + "\n")
+    write_json(a.out, result, default=str)
     print(f"-> {a.out}")
     return 0
 

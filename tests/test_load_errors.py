@@ -1,12 +1,14 @@
 """Every bad checkpoint gives a CheckpointError whose message names the culprit."""
+import base64
 import json
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import write_hf_checkpoint
-from load_llama import CheckpointError, load_llama, load_model
+from load_llama import CheckpointError, args_from_config, load_llama, load_model
 
 CONFIG = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=128, rope_theta=10000.0,
@@ -136,3 +138,54 @@ def test_missing_shard(tmp_path):
 def test_missing_tokenizer(fresh_ckpt):
     with pytest.raises(CheckpointError, match="no tokenizer found; tried"):
         load_llama(fresh_ckpt)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"hidden_size": "64"}, 'hidden_size must be a positive integer, got "64"'),
+    ({"num_hidden_layers": 2.5}, "num_hidden_layers must be a positive integer, got 2.5"),
+    ({"num_hidden_layers": 2.0}, "num_hidden_layers must be a positive integer, got 2.0"),
+    ({"intermediate_size": None}, "intermediate_size must be a positive integer, got null"),
+    ({"vocab_size": True}, "vocab_size must be a positive integer, got true"),
+    ({"intermediate_size": -64}, "intermediate_size must be a positive integer, got -64"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer, got 0"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer, got 0"),
+    ({"num_key_value_heads": 3}, "num_attention_heads (4) must be a multiple of num_key_value_heads (3)"),
+    ({"num_attention_heads": 64, "num_key_value_heads": 64}, "hidden_size (32) < num_attention_heads (64)"),
+    ({"head_dim": 7}, "head_dim must be even (RoPE rotates pairs of channels), got 7"),
+    ({"rms_norm_eps": "1e-5"}, 'rms_norm_eps must be a positive finite number, got "1e-5"'),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a positive finite number, got NaN"),
+    ({"rope_theta": -10000.0}, "rope_theta must be a positive finite number, got -10000.0"),
+    ({"tie_word_embeddings": "false"}, 'tie_word_embeddings must be true or false, got "false"'),
+])
+def test_a_config_value_of_the_wrong_type_or_range_is_refused_naming_the_key(changes, message):
+    with pytest.raises(CheckpointError, match=re.escape(f"config.json: {message}")):
+        args_from_config(CONFIG | changes)
+
+
+def test_optional_config_keys_may_be_absent_or_null():
+    args = args_from_config(CONFIG | {"num_key_value_heads": None, "head_dim": None})
+    assert (args.n_kv_heads, args.head_dim) == (4, 8)  # one K/V head per query head; hidden_size / heads
+
+
+def test_a_tokenizer_with_ids_past_vocab_size_is_refused(fresh_ckpt):
+    lines = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256)]
+    (fresh_ckpt / "tokenizer.model").write_text("\n".join(lines) + "\n")  # 256 bytes + 256 specials > 128
+    with pytest.raises(CheckpointError, match="config.json: vocab_size is 128, but the tokenizer has ids up to 511"):
+        load_llama(fresh_ckpt)
+
+
+def test_an_absurd_size_is_refused_before_allocating_naming_the_settings_and_the_size(fresh_ckpt):
+    edit_config(fresh_ckpt, vocab_size=100_000_000, hidden_size=65536)  # 13.1e12 parameters
+    with pytest.raises(CheckpointError, match=r"config.json: hidden_size=65536, .*vocab_size=100000000 make "
+                                              r"13,[0-9,]+ parameters, 2[0-9,.]+ GiB in bfloat16: more than the"):
+        load_model(fresh_ckpt)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_weight_is_refused_naming_the_tensor(fresh_ckpt, value):
+    def poison(t):
+        t["model.layers.1.mlp.down_proj.weight"][3, 5] = value
+    edit_weights(fresh_ckpt, poison)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.layers.1.mlp.down_proj.weight' "
+                                              r"holds 1 NaN or infinite value\(s\) \(in float32\)"):
+        load_model(fresh_ckpt, dtype=torch.float32)

@@ -2,9 +2,9 @@
 import math
 
 import pytest
-import torch
 
-from helpers import tiny_model
+import protocol
+from helpers import full_disk_after, tiny_model
 from protocol import Window, evaluate_blocks, perplexity, position_table
 
 
@@ -54,3 +54,21 @@ def test_a_window_cannot_be_advanced_past_its_size():
         window.advance(7)
     with pytest.raises(ValueError, match="0 < L_x < W"):
         Window(tiny_model(), size=16, keep=16)
+
+
+def test_a_write_that_fails_midway_leaves_the_old_file_as_it_was(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    protocol.write_json(path, {"old": [1, 2, 3]})
+    old = path.read_bytes()
+    monkeypatch.setattr(protocol, "open", full_disk_after(5), raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        protocol.write_json(path, {"new": list(range(100))})
+    assert path.read_bytes() == old
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
+
+
+def test_results_are_strict_json_or_not_written(tmp_path):
+    path = tmp_path / "r.json"
+    with pytest.raises(ValueError, match=r"r.json: not written: the result holds a non-finite number"):
+        protocol.write_json(path, {"ppl": math.nan})
+    assert not path.exists()
