@@ -86,6 +86,11 @@ def adapter_loss(cfg: TempLoRAConfig):
     return partial(bpt.block_loss, q_block=cfg.blockwise) if cfg.blockwise else block_loss
 
 
+def format_losses(losses: list) -> str:
+    """'3.436 -> 3.305'; a skipped step (None in results, NaN from train_block) shows as 'skipped'."""
+    return " -> ".join("skipped" if x is None or math.isnan(x) else f"{x:.3f}" for x in losses)
+
+
 def lr_at(block: int, cfg: TempLoRAConfig) -> float:
     # a linear warm-up that starts at lr / warmup_blocks, not at 0 (a zero first step wastes block 0)
     return cfg.lr * min(1.0, (block + 1) / max(1, cfg.warmup_blocks))
@@ -132,7 +137,7 @@ def generate_templora(model: Transformer, prompt: list[int], max_new_tokens: int
                 losses = train_block(model, optimizer, context, new, lr_at(block, cfg), cfg.epochs,
                                      loss_fn=adapter_loss(cfg))
                 log(f"[block {block}] train: {len(context)} context + {len(new)} block tokens, "
-                    f"loss {' -> '.join(f'{x:.3f}' for x in losses)}")
+                    f"loss {format_losses(losses)}")
                 # 3. reuse the cache: old K/V stay as older adapters computed them (unless asked not to)
                 if not cfg.cache_reuse:
                     window.invalidate()
@@ -434,7 +439,7 @@ def demo_tiny() -> None:
         print(f"block {len(chunks):2d} tokens {c['start']:5d}-{c['start'] + c['tokens']:5d}  "
               f"{'recompute' if c['recomputed'] else 'reuse    '}  "
               f"ppl base {perplexity([c], 'base'):7.2f}  templora {perplexity([c], 'templora'):7.2f}  "
-              f"then train: loss {' -> '.join(f'{x:.3f}' for x in c['train_loss'])}")
+              f"then train: loss {format_losses(c['train_loss'])}")
     r = evaluate(model, ids, cfg, progress=per_block)
     print(f"overall ppl: base {r['ppl_base']:.2f}, templora {r['ppl_templora']:.2f}; "
           f"cache recomputes {r['recomputes']['templora']}; {r['timings']['total_s']:.1f}s\n")
@@ -493,7 +498,7 @@ def demo(a: argparse.Namespace) -> None:
         print(f"block {len(chunks)}/{math.ceil((total - 1) / cfg.delta)}  tokens {c['start']:5d}-"
               f"{c['start'] + c['tokens']:5d}  cache {'recompute' if c['recomputed'] else 'reuse    '}  "
               f"ppl base {base:6.2f}  Temp-LoRA {lora:6.2f} ({100 * (lora / base - 1):+5.1f}%)  then train: "
-              f"loss {' -> '.join(f'{x:.3f}' for x in c['train_loss'])}  [{elapsed:.0f}s]", flush=True)
+              f"loss {format_losses(c['train_loss'])}  [{elapsed:.0f}s]", flush=True)
     r = evaluate(model, ids, cfg, progress=per_block)
     change = 100 * (r["ppl_templora"] / r["ppl_base"] - 1)
     print(f"whole excerpt: ppl base {r['ppl_base']:.2f}, Temp-LoRA {r['ppl_templora']:.2f} ({change:+.1f}%)\n")

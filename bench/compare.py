@@ -129,7 +129,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for r in rows:
         ax.plot(list(r["by_position"]), list(r["by_position"].values()), "o-", label=r["label"])
-    ax.set(xlabel="position of the block in the book (tokens)", ylabel="perplexity (exp mean NLL)")
+    ax.set_yscale("log")  # methods far off (an undertrained linearised model) would flatten the rest
+    ax.set(xlabel="position of the block in the book (tokens)", ylabel="perplexity (exp mean NLL, log scale)")
     ax.set_title(f"Same books, same blocks: {', '.join(rows[0]['books'])}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
