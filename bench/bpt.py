@@ -53,7 +53,7 @@ from load_llama import args_from_config, load_llama, load_model
 from lora import add_lora, lora_parameters
 from methods import bpt
 from model import Transformer
-from protocol import perplexity
+from protocol import perplexity, write_json
 from templora import DTYPES, evaluate
 from train_block import block_loss, make_optimizer, train_block
 
@@ -73,12 +73,6 @@ QUICK_KNOBS = dict(delta=32, window=96, keep=32, rank=4)
 
 def log(s: str) -> None:
     print(s, file=sys.stderr, flush=True)
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)  # never a half-written file that a resume would trust
 
 
 # ----------------------------------------------------------------------------- one point, in a child process

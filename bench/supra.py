@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import EVAL_BOOKS, MODEL_DIR, RESULTS, TRAIN_BOOKS, model_label
+from bench.common import EVAL_BOOKS, MODEL_DIR, RESULTS, TRAIN_BOOKS, model_label, stored
 from load_llama import load_model, load_tokenizer, read_json
 from methods.supra import (ADAM_EPS, LOLCATS_LORA, MAX_GRAD_NORM, RecurrentState, attention_transfer_loss, build,
                            load_linearized, load_optimizer_state, load_tensors, lr_at, next_token_loss,
@@ -280,18 +280,6 @@ def settings_of(a: argparse.Namespace, book: str, run: str, extra: dict) -> dict
 
 def eval_dtype_name(a: argparse.Namespace) -> str:
     return "bfloat16" if a.device.startswith("cuda") else "float32"
-
-
-def stored(path: Path, wanted: dict) -> dict | None:
-    """The result at path if it was made with `wanted` settings; None if there is none; an error if it differs."""
-    if not path.exists():
-        return None
-    r = json.loads(path.read_text())
-    differ = [k for k in wanted if r.get(k) != wanted[k]]
-    if differ:
-        raise ValueError(f"{path} was made with other settings ({', '.join(differ)}); "
-                         "delete it or choose another --out")
-    return r
 
 
 def progress(label: str):

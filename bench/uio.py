@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
-from bench.common import EVAL_BOOKS, MODEL_DIR, RESULTS, TRAIN_BOOKS, model_label
+from bench.common import EVAL_BOOKS, MODEL_DIR, RESULTS, TRAIN_BOOKS, model_label, stored
 from bench.compare import BUCKETS
 from bench.flops import FlopCounter, uio_flops
 from load_llama import load_llama
@@ -128,17 +128,6 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     tmp.replace(path)  # never a half-written file that a resume would trust
-
-
-def stored(path: Path, wanted: dict) -> dict | None:
-    """The JSON at path if it exists and was made with `wanted` settings; None if it does not exist."""
-    if not path.exists():
-        return None
-    data = json.loads(path.read_text())
-    differ = [k for k in wanted if data.get(k) != wanted[k]]
-    if differ:
-        raise ValueError(f"{path} was made with other settings ({', '.join(differ)}); choose another --out")
-    return data
 
 
 def clock(device: torch.device) -> float:
