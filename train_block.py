@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
 def make_optimizer(params, lr: float = 5e-5, weight_decay: float = 0.0,
                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-7) -> torch.optim.AdamW:
     """AdamW over `params` (for Temp-LoRA: lora_parameters(model), the adapter only), with the official
