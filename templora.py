@@ -262,6 +262,7 @@ FLAG_RANGES = [  # (flag, allowed, test); a flag that a command lacks is skipped
     ("--seed", "in [0, 2**63 - 1]", lambda v: 0 <= v < 2**63),
     ("--threads", "at least 0 (0: torch's default)", lambda v: v >= 0),
     ("--max-tokens", "at least 0 (0: the whole text)", lambda v: v >= 0),
+    ("--tokens", "at least 0 (0: the whole excerpt)", lambda v: v >= 0),
     ("--max-new-tokens", "at least 1", lambda v: v >= 1),
     ("--temperature", "finite and at least 0 (0: greedy)", lambda v: 0 <= v < math.inf),
     ("--top-p", "in (0, 1]", lambda v: 0 < v <= 1),
@@ -303,7 +304,7 @@ def check_out(path: str, flag: str = "--out") -> None:
 
 
 def check_args(a: argparse.Namespace) -> None:
-    """Every flag of `eval` and `generate` against the values it allows: one line naming each bad one."""
+    """Every flag of `eval`, `generate` and `demo` against the values it allows: one line naming each bad one."""
     problems = []
     for flag, allowed, ok in FLAG_RANGES:
         value = getattr(a, flag[2:].replace("-", "_"), None)
@@ -313,7 +314,7 @@ def check_args(a: argparse.Namespace) -> None:
         problems.append(f"--device {a.device}: {why}")
     if problems:
         raise ValueError("; ".join(problems))
-    if a.out:
+    if getattr(a, "out", None):
         check_out(a.out)
 
 
@@ -472,6 +473,7 @@ def demo(a: argparse.Namespace) -> None:
     the proof that the base weights are untouched. --tiny: the mechanics on a random model, offline."""
     if a.tiny:
         return demo_tiny()
+    check_args(a)
     from load_llama import load_llama
     from tools.smollm2 import ensure_smollm2
     torch.set_num_threads(a.threads or torch.get_num_threads())

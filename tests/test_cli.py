@@ -149,3 +149,11 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_the_model_is_lo
     assert run_cli(command, tmp_path / "no-model", book, out) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: --out {out}: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("flags, message", [(["--threads", "-1"], "--threads must be at least 0"),
+                                            (["--device", "nosuch"], "--device nosuch: not a device"),
+                                            (["--tokens", "-3"], "--tokens must be at least 0")])
+def test_demo_checks_its_flags_before_building_anything(tmp_path, capsys, flags, message):
+    assert main(["demo", "--model", str(tmp_path / "never-built"), *flags]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "never-built").exists()
