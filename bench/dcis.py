@@ -98,10 +98,6 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-def write_json(path: Path, data: dict) -> None:
-    dcis.write_json(path, data)
-
-
 def read_book(folder: str, book: str, tokenizer, n: int) -> list[int]:
     """The first n tokens of a book (BOS first); fewer is an error."""
     path = Path(folder) / f"{book}.txt"
@@ -204,7 +200,7 @@ def run_ppl(a: argparse.Namespace, L: int, tokenizer, out: Path, search: dict) -
                 entry = {"nll": nll, "tokens": n - 1, "ppl": math.exp(nll / (n - 1)),
                          "seconds": time.perf_counter() - tic}
                 results["methods"][name]["ppl"].setdefault(str(n), {})[b] = entry
-                write_json(path, results)
+                dcis.write_json(path, results)
                 say(f"[ppl] {name:8s} {n:6d} tokens, book {b}: ppl {entry['ppl']:.3f} ({entry['seconds']:.1f} s)")
             del model
 
@@ -218,7 +214,7 @@ def run_ppl(a: argparse.Namespace, L: int, tokenizer, out: Path, search: dict) -
         measure(best, longer)
     results["pooled"] = {name: {n: pooled(entries) for n, entries in m["ppl"].items() if len(entries) == len(books)}
                          for name, m in results["methods"].items()}
-    write_json(path, results)
+    dcis.write_json(path, results)
     plot(results, out / "dcis.png", L, target)
     return results
 
@@ -279,7 +275,7 @@ def run_templora(a: argparse.Namespace, L: int, tokenizer, out: Path, search: di
                 r = evaluate(model, ids, cfg, None, progress, extras=lambda: {"flops": counter.take()})
             r |= settings | {"run": name, "book": book, "command": COMMAND, "model_label": label(a),
                              "checkpoint": str(source), "flops": counter.totals}
-            write_json(path, r)
+            dcis.write_json(path, r)
             say(f"  ppl base {r['ppl_base']:.3f}, Temp-LoRA {r['ppl_templora']:.3f}; "
                 f"{r['timings']['total_s']:.0f} s -> {path}")
         del model

@@ -23,7 +23,6 @@ decoding load bf16 weights on CUDA. The linear attention itself always runs in f
 import argparse
 import hashlib
 import json
-import os
 import shlex
 import sys
 import time
@@ -38,7 +37,7 @@ from methods.supra import (ADAM_EPS, LOLCATS_LORA, MAX_GRAD_NORM, RecurrentState
                            load_linearized, load_optimizer_state, load_tensors, lr_at, next_token_loss,
                            phase_parameters, read_checkpoint_config, recipe, save_checkpoint, score_block)
 from model import KVCache, generate
-from protocol import evaluate_blocks, perplexity, position_buckets
+from protocol import evaluate_blocks, perplexity, position_buckets, write_text_atomic
 from templora import TempLoRAConfig, evaluate
 from train_block import make_optimizer
 
@@ -61,9 +60,8 @@ def log(msg: str) -> None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)  # never a half-written JSON that a rerun would trust
+    """protocol's atomic write, not its strict JSON: these logs may hold NaN (a skipped step's gradient norm)."""
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

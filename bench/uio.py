@@ -39,7 +39,7 @@ from bench.compare import BUCKETS
 from bench.flops import FlopCounter, uio_flops
 from load_llama import load_llama
 from methods.uio import BPTT_MODES, UIO, Reader, UIOConfig, check_sizes, text_gradient, train_step
-from protocol import Window, evaluate_blocks, perplexity, score_block
+from protocol import Window, evaluate_blocks, perplexity, score_block, write_text_atomic
 from templora import DTYPES
 from train_block import make_optimizer
 
@@ -125,9 +125,8 @@ def log(line: str) -> None:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)  # never a half-written file that a resume would trust
+    """protocol's atomic write, not its strict JSON: these logs may hold NaN (a skipped step's gradient norm)."""
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def clock(device: torch.device) -> float:

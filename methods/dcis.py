@@ -31,7 +31,6 @@ The LongRoPE-style monotone evolutionary rival of the official repository is not
 """
 import json
 import math
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from model import ModelArgs, Transformer, rope_inv_freq, yarn_mscale, yarn_rope
+from protocol import write_text_atomic
 
 FIRST_RANGE = (-5.0, 5.0)  # the official start: 4 x 1.25 either side
 MIN_FACTOR = 1e-4          # λ must stay positive: a frequency divided by 0 or less is no rotation
@@ -189,9 +189,8 @@ def read_log(path: Path, settings: dict) -> dict[str, float]:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)  # never a half-written log that a resume would trust
+    """protocol's atomic write, not its strict JSON: these logs may hold NaN (a skipped step's gradient norm)."""
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def search(model: Transformer, ids: list[int], s: float, old_len: int, init: str = "yarn", offsets: int = 10,
