@@ -54,7 +54,7 @@ from lora import add_lora, lora_parameters
 from methods import bpt
 from model import Transformer
 from protocol import perplexity, write_json
-from templora import DTYPES, evaluate
+from templora import DTYPES, TempLoRAConfig, evaluate
 from train_block import block_loss, make_optimizer, train_block
 
 VARIANTS = ("vanilla", "today", "checkpoint", "loss", "bpt")
@@ -320,6 +320,30 @@ def table_main(a: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- the books
 
+def run_book(spec: dict) -> dict:
+    """One (variant, book): Temp-LoRA over the book's first spec["tokens"] tokens, written to spec["path"]."""
+    cfg = TempLoRAConfig(**spec["config"])
+    model, tok = load_llama(spec["model"], spec["device"], DTYPES[spec["dtype"]])
+    ids = tok.encode(Path(spec["text"]).read_text(encoding="utf-8"), bos=tok.bos_id is not None)[: spec["tokens"] + 1]
+    if len(ids) < spec["tokens"] + 1:
+        raise ValueError(f"{spec['text']}: {len(ids)} tokens, fewer than --tokens {spec['tokens']} + 1")
+    cuda = torch.device(spec["device"]).type == "cuda"
+
+    def progress(chunks, done, total, elapsed):
+        if len(chunks) % 8 == 0 or done == total:
+            log(f"  block {len(chunks)}: ppl base {perplexity(chunks, 'base'):.2f}, Temp-LoRA "
+                f"{perplexity(chunks, 'templora'):.2f}, {elapsed:.0f} s")
+    r = evaluate(model, ids, cfg, progress=progress)
+    peak = (torch.cuda.max_memory_allocated(spec["device"]) if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    r |= spec["wanted"] | {"book": spec["book"], "variant": spec["variant"], "command": spec["command"],
+                           "model_label": model_label(spec["model"]), "peak_memory_mib": peak,
+                           "peak_memory": "torch.cuda.max_memory_allocated of this run" if cuda else
+                           "ru_maxrss of this run's process (one process per variant and book)"}
+    write_json(Path(spec["path"]), r)
+    return r
+
+
 def books_main(a: argparse.Namespace) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -331,7 +355,6 @@ def books_main(a: argparse.Namespace) -> int:
     missing = [str(p) for p in texts.values() if not p.is_file()]
     if missing:
         raise ValueError(f"--books-dir: no {', '.join(missing)}")
-    model = tok = None
     t0, results = time.perf_counter(), {}
     for book in books:  # book by book: should the time budget run out, the finished books have both variants
         for variant, cfg in variants.items():
@@ -349,30 +372,19 @@ def books_main(a: argparse.Namespace) -> int:
             if time.perf_counter() - t0 > a.time_budget_s:
                 log(f"{path.name}: not run, --time-budget-s {a.time_budget_s:g} spent (rerun to resume)")
                 continue
-            if model is None:
-                model, tok = load_llama(a.model, a.device, DTYPES[a.dtype])
-            ids = tok.encode(texts[book].read_text(encoding="utf-8"), bos=tok.bos_id is not None)[: a.tokens + 1]
-            if len(ids) < a.tokens + 1:
-                raise ValueError(f"{texts[book]}: {len(ids)} tokens, fewer than --tokens {a.tokens} + 1")
-            cuda = torch.device(a.device).type == "cuda"
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(a.device)
-            log(f"{variant} (L_T={cfg.context}{f', blockwise B_q={cfg.blockwise}' if cfg.blockwise else ''}), book {book}")
-
-            def progress(chunks, done, total, elapsed):
-                if len(chunks) % 8 == 0 or done == total:
-                    log(f"  block {len(chunks)}: ppl base {perplexity(chunks, 'base'):.2f}, Temp-LoRA "
-                        f"{perplexity(chunks, 'templora'):.2f}, {elapsed:.0f} s")
-            r = evaluate(model, ids, cfg, progress=progress)
-            peak = (torch.cuda.max_memory_allocated(a.device) if cuda
-                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
-            r |= wanted | {"book": book, "variant": variant, "command": a.command, "model_label": model_label(a.model),
-                           "peak_memory_mib": peak, "peak_memory": "torch.cuda.max_memory_allocated of this run" if cuda
-                           else "ru_maxrss of the whole process so far"}
-            write_json(path, r)
-            results[variant, book] = r
+            log(f"{variant} (L_T={cfg.context}{f', blockwise B_q={cfg.blockwise}' if cfg.blockwise else ''}), "
+                f"book {book}, in a fresh process (its peak memory is this run's alone)")
+            spec = {"config": asdict(cfg), "model": str(a.model), "device": a.device, "dtype": a.dtype,
+                    "tokens": a.tokens, "text": str(texts[book]), "book": book, "variant": variant,
+                    "command": a.command, "wanted": wanted, "path": str(path)}
+            done = subprocess.run([sys.executable, "-m", "bench.bpt", "book", json.dumps(spec)], cwd=REPO,
+                                  stdout=subprocess.PIPE, text=True)
+            if done.returncode != 0 or not path.exists():
+                raise ValueError(f"{variant} on book {book} failed (exit {done.returncode}; its error is above); "
+                                 f"the finished results are kept in {out}")
+            r = results[variant, book] = json.loads(path.read_text())
             log(f"  ppl base {r['ppl_base']:.3f}, Temp-LoRA {r['ppl_templora']:.3f}; {r['timings']['total_s']:.0f} s, "
-                f"peak {peak:.0f} MiB -> {path}")
+                f"peak {r['peak_memory_mib']:.0f} MiB -> {path}")
     lines = ["| variant | books | ppl base | ppl Temp-LoRA | change | Temp-LoRA wall s (score + train) | train s | "
              "peak MiB |", "|---" * 8 + "|"]
     for variant in variants:
@@ -430,8 +442,10 @@ def parse_args(argv) -> argparse.Namespace:
     b.add_argument("--blockwise", type=int, help="B_q of the long-L_T step (default 1024)")
     pt = sub.add_parser("point", help="(internal) one table point, run by `table` in a fresh process")
     pt.add_argument("spec")
+    bk = sub.add_parser("book", help="(internal) one variant on one book, run by `books` in a fresh process")
+    bk.add_argument("spec")
     a = p.parse_args(argv)
-    if a.mode == "point":
+    if a.mode in ("point", "book"):
         return a
     a.command = "python -m bench.bpt " + shlex.join(argv)
     a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
@@ -459,6 +473,13 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.mode == "point":
         print("RESULT " + json.dumps(run_point(json.loads(a.spec))), flush=True)
+        return 0
+    if a.mode == "book":
+        try:
+            run_book(json.loads(a.spec))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     if a.mode == "books" or "smollm2" in a.models:
         require_model(a.model)
