@@ -3,6 +3,8 @@ what a long L_T buys on the books (issue 14).
 
     python -m bench.bpt table --model DIR --device cuda --out DIR                     # ~4 min on an H100
     python -m bench.bpt books --model DIR --books-dir DIR --device cuda --out DIR     # ~3-4 min on an H100
+    python -m bench.bpt table --model DIR --models smollm2 --lengths 1024,2048,4096,8192,16384 --no-warmup \
+        --point-timeout-s 900 --out DIR                                               # ~25 min on a 2-core CPU
     python -m bench.bpt table --quick --model CKPT --out DIR                          # seconds on a CPU
     python -m bench.bpt books --quick --model CKPT --books-dir DIR --book-ids ID --out DIR
 
@@ -11,9 +13,12 @@ rank 64 on every linear, dropout 0.05) on T = L_T + Δ tokens (Δ = 1024 fixed, 
 memory and time do not depend on them), for each variant below, on SmolLM2 (--model, real weights) and on
 Llama-3.2-1B's shapes (random weights, built in place). Every point runs in a fresh child process. On CUDA
 its peak is torch.cuda.max_memory_allocated, and the budget is enforced (set_per_process_memory_fraction):
-a point that needs more ends in OOM, recorded as such. On a CPU the child's ru_maxrss is recorded, the budget
-is not enforced. Memory grows with T, so after an OOM the longer points of that variant are recorded as OOM
-without running. The time is that of the second of two steps (the first warms up kernels and allocator).
+a point that needs more ends in OOM, recorded as such. On a CPU the child's ru_maxrss is recorded (the whole
+process: weights, Python and torch too, where a GPU's figure is torch's tensors alone) and the parent enforces
+the budget: it watches the child's resident memory and kills it past the budget, an OOM. Memory grows with T,
+so after an OOM the longer points of that variant are recorded as OOM without running. The time is that of
+the second of two steps (the first warms up kernels and allocator); --no-warmup runs one step and times it
+as it is (for a CPU, where a 16K step takes minutes).
 
     vanilla      today's step with the T x T attention materialised (SDPA's math kernel): the paper's "vanilla"
     today        train_block.block_loss as Temp-LoRA runs it (fused flash attention on a GPU), nothing recomputed
@@ -39,6 +44,7 @@ import resource
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
@@ -130,7 +136,7 @@ def run_point(spec: dict) -> dict:
     setup_gib = memory_gib()[0]  # weights + adapter, before the step (AdamW's moments appear in the first)
     times, losses = [], []
     try:
-        for _ in range(2):
+        for _ in range(2 if spec["warmup"] else 1):
             sync()
             tic = time.perf_counter()
             with sdpa_kernel(kernels) if kernels else nullcontext():
@@ -140,24 +146,51 @@ def run_point(spec: dict) -> dict:
             times.append(time.perf_counter() - tic)
     except torch.OutOfMemoryError:
         return {"status": "OOM", "setup_gib": setup_gib, "peak_before_oom_gib": memory_gib()[1]}
-    return {"status": "ok", "peak_gib": memory_gib()[1], "setup_gib": setup_gib, "step_s": times[1],
+    return {"status": "ok", "peak_gib": memory_gib()[1], "setup_gib": setup_gib, "step_s": times[-1],
             "first_step_s": times[0], "losses": losses,
             "memory": "torch.cuda.max_memory_allocated" if cuda else "ru_maxrss (whole process)"}
 
 
-def child(spec: dict, timeout_s: float) -> dict:
-    """run_point(spec) in a fresh interpreter: a peak is a high-water mark, so one point per process."""
-    cmd = [sys.executable, "-m", "bench.bpt", "point", json.dumps(spec)]
-    tic = time.perf_counter()
+def rss_gib(pid: int) -> float:
+    """A process's resident memory now (0 once it has ended)."""
     try:
-        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout", "wall_s": timeout_s}
-    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:  # e.g. killed by the kernel for memory on a CPU
-        tail = (done.stdout + done.stderr).strip().splitlines()[-5:]
-        return {"status": "failed", "returncode": done.returncode, "output_tail": tail}
-    return json.loads(lines[-1][len("RESULT "):]) | {"wall_s": time.perf_counter() - tic}
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    return next((int(x.split()[1]) / 2**20 for x in status.splitlines() if x.startswith("VmRSS:")), 0.0)  # kB
+
+
+def child(spec: dict, timeout_s: float) -> dict:
+    """run_point(spec) in a fresh interpreter: a peak is a high-water mark, so one point per process.
+
+    On a CPU nothing stops a process at the budget, so this does: it watches the child's resident memory and
+    kills it once it passes spec["budget_gib"] (the CPU's OOM); a spike between two looks shows up in the
+    child's own ru_maxrss, and a finished point whose peak passed the budget is an OOM too."""
+    cmd = [sys.executable, "-m", "bench.bpt", "point", json.dumps(spec)]
+    watch = spec["device"] == "cpu"
+    tic = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as output:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, text=True)
+        while proc.poll() is None:
+            if time.perf_counter() - tic > timeout_s:
+                proc.kill()
+                proc.wait()
+                return {"status": "timeout", "wall_s": timeout_s}
+            rss = rss_gib(proc.pid) if watch else 0.0
+            if rss > spec["budget_gib"]:
+                proc.kill()
+                proc.wait()
+                return {"status": "OOM", "killed_at_rss_gib": rss, "wall_s": time.perf_counter() - tic}
+            time.sleep(0.02)
+        output.seek(0)
+        text = output.read()
+    lines = [x for x in text.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:  # e.g. killed by the kernel for memory
+        return {"status": "failed", "returncode": proc.returncode, "output_tail": text.strip().splitlines()[-5:]}
+    result = json.loads(lines[-1][len("RESULT "):]) | {"wall_s": time.perf_counter() - tic}
+    if watch and result["status"] == "ok" and result["peak_gib"] > spec["budget_gib"]:
+        result["status"] = "OOM"  # measured, but past the budget
+    return result
 
 
 # ----------------------------------------------------------------------------- the table
@@ -206,18 +239,25 @@ def summarise(a: argparse.Namespace, points: dict, models: dict) -> dict:
         fits = {v: [T for T in lengths if get(v, T)["status"] == "ok" and get(v, T)["peak_gib"] <= a.budget_gib]
                 for v in a.variants}
         longest = {v: max(ts) if ts else None for v, ts in fits.items()}
-        beyond = {v: bool(ts) and max(ts) == lengths[-1] for v, ts in fits.items()}  # the real limit is longer
-        ratios = {}  # ratio None: the other variant does not fit even the shortest length, BPT does
-        if longest.get("bpt"):
-            ratios = {f"bpt/{v}": {"ratio": longest["bpt"] / longest[v] if longest[v] else None, "at_least": beyond["bpt"]}
-                      for v in a.variants if v != "bpt"}
+        # exact: a longer length was run and did not fit; otherwise the limit lies beyond what was measured
+        exact = {v: any(get(v, T)["status"] == "OOM" or get(v, T)["status"] == "ok" and T not in fits[v]
+                        for T in lengths) for v in a.variants}
+        ratios = {}  # BPT's longest length against each other variant's, where both are known well enough
+        for v in (v for v in a.variants if v != "bpt" and longest.get("bpt")):
+            if longest[v] and exact[v]:
+                ratios[f"bpt/{v}"] = {"ratio": longest["bpt"] / longest[v], "at_least": not exact["bpt"]}
+            elif exact[v]:
+                ratios[f"bpt/{v}"] = {"ratio": None, "why": f"{v} fits no length"}
+            else:
+                ran = any(get(v, T)["status"] != "not run" for T in lengths)
+                ratios[f"bpt/{v}"] = {"ratio": None, "why": f"{v} {'not measured up to its limit' if ran else 'not run'}"}
         cost = {}
         for v in ("checkpoint", "loss", "bpt"):
             common = [T for T in lengths if get(v, T)["status"] == get("today", T)["status"] == "ok"]
             if v in a.variants and "today" in a.variants and common:
                 cost[v] = {"length": common[-1], "step_s_ratio_to_today": get(v, common[-1])["step_s"]
                            / get("today", common[-1])["step_s"]}
-        rows[name] = {"label": labels[name], "longest_in_budget": longest, "longest_measured_fits": beyond,
+        rows[name] = {"label": labels[name], "longest_in_budget": longest, "limit_found": exact,
                       "bpt_ratios": ratios, "recompute_time_cost": cost,
                       "points": {v: {T: get(v, T) for T in lengths} for v in a.variants}}
     return rows
@@ -238,12 +278,14 @@ def markdown(a: argparse.Namespace, summary: dict) -> str:
                 "| variant | " + " | ".join(f"T={T}" for T in a.lengths) + " | longest in budget |",
                 "|---" * (len(a.lengths) + 2) + "|"]
         for v in a.variants:
-            longest = s["longest_in_budget"][v]
-            mark = "≥ " if s["longest_measured_fits"][v] else ""
-            out.append(f"| {v} | " + " | ".join(cell(s["points"][v][T]) for T in a.lengths)
-                       + f" | {mark + str(longest) if longest else 'none'} |")
+            longest, exact = s["longest_in_budget"][v], s["limit_found"][v]
+            failed = [p["status"] for p in s["points"][v].values() if p["status"] not in ("ok", "not run")]
+            limit = (("" if exact else "≥ ") + str(longest) if longest else "none" if exact else
+                     f"unknown ({failed[0]})" if failed else "not run")
+            out.append(f"| {v} | " + " | ".join(cell(s["points"][v][T]) for T in a.lengths) + f" | {limit} |")
+        bpt_longest = s["longest_in_budget"].get("bpt")
         ratios = ", ".join(f"{k}: {'≥ ' if r['at_least'] else ''}{r['ratio']:g}x" if r["ratio"] else
-                           f"{k}: {k[4:]} fits no length, BPT fits {s['longest_in_budget']['bpt']}"
+                           f"{k}: {r['why']}, BPT fits {'' if s['limit_found']['bpt'] else '≥ '}{bpt_longest}"
                            for k, r in s["bpt_ratios"].items())
         cost = ", ".join(f"{v} {c['step_s_ratio_to_today']:.2f}x at T={c['length']}"
                          for v, c in s["recompute_time_cost"].items())
@@ -280,9 +322,11 @@ def table_main(a: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path, models = out / "bpt-table.json", table_models(a)
     settings = {k: getattr(a, k) for k in ("lengths", "delta", "device", "dtype", "budget_gib", "q_block", "kv_block",
-                                          "loss_block", "rank", "quick")}
+                                          "loss_block", "rank", "quick", "warmup")}
     settings["model"] = str(Path(a.model).resolve())
     stored = json.loads(path.read_text()) if path.exists() and not a.force else {}
+    if stored:
+        stored["settings"].setdefault("warmup", True)  # results from before --no-warmup existed
     if stored and stored["settings"] != settings:
         differ = [k for k in settings if stored["settings"].get(k) != settings[k]]
         raise ValueError(f"{path} was made with other settings ({', '.join(differ)}); rerun with --force or another --out")
@@ -302,7 +346,7 @@ def table_main(a: argparse.Namespace) -> int:
                     else:
                         spec = {"variant": v, "length": T, "path": model["path"], "config": model["config"]} | {
                             k: getattr(a, k) for k in ("delta", "device", "dtype", "budget_gib", "q_block", "kv_block",
-                                                       "loss_block", "rank")}
+                                                       "loss_block", "rank", "warmup")}
                         points[key] = child(spec, a.point_timeout_s)
                         log(f"  {key}: {cell(points[key])}  ({points[key].get('wall_s', 0):.0f} s, "
                             f"{time.perf_counter() - t0:.0f} s so far)")
@@ -432,6 +476,8 @@ def parse_args(argv) -> argparse.Namespace:
     t.add_argument("--llama1b-layers", type=int,
                    help="layers of the 1B shapes (default 16; quick 2); fewer than 16: run N and N/2, extrapolate to 16")
     t.add_argument("--point-timeout-s", type=float, default=150.0, help="a child running longer is recorded as timeout")
+    t.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="one step per point, timed as it is (a CPU's long points); default: two, the second timed")
     b = sub.add_parser("books", help="Temp-LoRA at L_T=512 against a long L_T run blockwise, on the eval books")
     common(b, 240)
     b.add_argument("--books-dir", required=True, help="folder with <id>.txt (pg19-templora40)")

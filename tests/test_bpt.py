@@ -231,6 +231,40 @@ def test_bench_table_prunes_after_oom_and_extrapolates_layers(tmp_path, monkeypa
     assert points["llama-3.2-1b-4L|today|256"] == {"status": "OOM", "skipped": "OOM at T=128"}  # not run
 
 
+def test_bench_table_tells_a_limit_found_from_one_not_reached(tmp_path, monkeypatch):
+    """A variant stopped by the time budget is a lower bound, one never run is "not run": neither "fits none"."""
+    from bench import bpt as bench
+
+    def child(spec, timeout_s):
+        if spec["variant"] == "today" and spec["length"] > 32:
+            return {"status": "timeout"}
+        return {"status": "ok", "peak_gib": 1.0 + spec["length"] / 64, "setup_gib": 1.0, "step_s": 1.0}
+    monkeypatch.setattr(bench, "child", child)
+    assert bench.main(["table", "--quick", "--model", "unused", "--out", str(tmp_path), "--models", "llama1b",
+                       "--llama1b-layers", "16", "--variants", "today,checkpoint,bpt", "--lengths", "32,64,128",
+                       "--budget-gib", "2.5"]) == 0
+    r = json.loads((tmp_path / "bpt-table.json").read_text())["summary"]["llama-3.2-1b-16L"]
+    assert r["longest_in_budget"] == {"today": 32, "checkpoint": 64, "bpt": 64}
+    assert r["limit_found"] == {"today": False, "checkpoint": True, "bpt": True}  # 128: 3 GiB > 2.5
+    assert r["bpt_ratios"] == {"bpt/today": {"ratio": None, "why": "today not measured up to its limit"},
+                               "bpt/checkpoint": {"ratio": 1.0, "at_least": False}}
+    table = (tmp_path / "bpt-table.md").read_text()
+    assert "| today | 1.50 GiB, 1.00 s | timeout | timeout (not run) | ≥ 32 |" in table
+    assert "| checkpoint |" in table and "| 64 |" in table
+
+
+def test_bench_table_on_a_cpu_kills_a_point_past_the_budget(ckpt):
+    """The CPU has no allocator limit: the parent watches the child's resident memory and stops it."""
+    from bench import bpt as bench
+    spec = {"variant": "today", "length": 64, "path": str(ckpt), "config": None, "delta": 32, "device": "cpu",
+            "dtype": "float32", "budget_gib": 0.05, "q_block": 32, "kv_block": 32, "loss_block": 16, "rank": 4,
+            "warmup": False}
+    r = bench.child(spec, timeout_s=120)
+    assert r["status"] == "OOM" and r["killed_at_rss_gib"] > 0.05
+    r = bench.child(spec | {"budget_gib": 64.0}, timeout_s=120)
+    assert r["status"] == "ok" and 0.05 < r["peak_gib"] < 64 and "first_step_s" in r and r["step_s"] > 0
+
+
 def test_bench_books_writes_a_protocol_json_per_variant_and_book(ckpt, book, tmp_path):
     from bench import bpt as bench
     from bench.compare import book_of
