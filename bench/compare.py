@@ -3,9 +3,11 @@
     python -m bench.compare          # reads bench/results, writes bench/results/compare.md and compare.png
 
 Each row reads result JSONs that a benchmark already wrote (protocol.evaluate_blocks's shape: `chunks` with
-`nll_<scorer>`, and `timings`) and takes one scorer from them. All rows must cover the same books and the
-same scored tokens, or the table is refused: perplexities of different texts do not compare. A method
-joins the table with one `Row` below; a row whose results do not exist yet is listed under the table with
+`nll_<scorer>`, and `timings`) and takes one scorer from them. The table's rows cover the same books and the
+same scored tokens as its first row: perplexities of different texts do not compare. A run on part of that
+text (fewer books, or the first tokens of each: a CPU-sized run) is shown in a second table, next to the first
+row scored on exactly that part; a row with text outside it is refused. A method joins the table with one
+`Row` below; a row whose results do not exist yet is listed under the table with
 the command that makes them, never silently dropped.
 """
 import argparse
@@ -35,6 +37,8 @@ SUPRA_COMMAND = ("python -m bench.supra --device cuda --model DIR --books-dir DI
 UIO = "python -m bench.uio --model DIR --books-dir DIR --train-books-dir DIR --device cuda --out bench/results"
 UIO_COST = dict(flop_phases=("decode", "encode"), time_keys=("decode_s", "encode_s"), command=UIO)
 BPT_COMMAND = "python -m bench.bpt books --device cuda --model DIR --books-dir DIR --out bench/results"
+BPT_CPU_COMMAND = ("python -m bench.bpt books --model DIR --books-dir DIR --book-ids 349,718 --tokens 8192 "
+                   "--out bench/results/bpt/books-cpu")
 DCIS_COMMAND = "python -m bench.dcis --device cuda --out bench/results/dcis"
 
 ROWS = [
@@ -55,11 +59,18 @@ ROWS = [
     Row("UIO, trained with recent-only BPTT", "uio-recent-*.json", "uio", **UIO_COST),
     Row("UIO, trained with reservoir BPTT (unbiased)", "uio-reservoir-*.json", "uio", **UIO_COST),
     Row("UIO, trained with full BPTT", "uio-full-*.json", "uio", **UIO_COST),
-    # bench/bpt.py books (one GPU run): Temp-LoRA at the replication's L_T, and at a long L_T computed blockwise
+    # bench/bpt.py books: Temp-LoRA at the replication's L_T, and at a long L_T computed blockwise; the full run
+    # (four books, a GPU) and the CPU-sized one (two books, their first 8K tokens: the second table)
     Row("Temp-LoRA, W=2K, L_T=512 (bench.bpt run)", "bpt-LT512-*.json", "templora", (),
         ("score_templora_s", "train_s"), command=BPT_COMMAND),
     Row("Temp-LoRA, W=2K, L_T=4K (blockwise)", "bpt-LT4096-*.json", "templora", (), ("score_templora_s", "train_s"),
         command=BPT_COMMAND),
+    Row("base, W=2K (bench.bpt CPU run)", "bpt/books-cpu/bpt-LT512-*.json", "base", (), ("score_base_s",),
+        command=BPT_CPU_COMMAND),
+    Row("Temp-LoRA, W=2K, L_T=512 (bench.bpt CPU run)", "bpt/books-cpu/bpt-LT512-*.json", "templora", (),
+        ("score_templora_s", "train_s"), command=BPT_CPU_COMMAND),
+    Row("Temp-LoRA, W=2K, L_T=4K (blockwise, CPU run)", "bpt/books-cpu/bpt-LT4096-*.json", "templora", (),
+        ("score_templora_s", "train_s"), command=BPT_CPU_COMMAND),
     # bench/dcis.py: the window stretched past SmolLM2's trained 8K by DCIS's searched RoPE factors
     Row("Temp-LoRA, W=8K", "dcis/dcis-plain-w8192-*.json", "templora", ("score_templora", "train"),
         ("score_templora_s", "train_s"), command=DCIS_COMMAND),
@@ -122,6 +133,35 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def first_part(results: list[dict], part: dict, first: dict) -> list[dict]:
+    """The first row's results cut to the books and leading tokens that a run on part of the text covered."""
+    if not (set(part["books"]) <= set(first["books"]) and len(part["tokens"]) == 1
+            and part["tokens"][0] <= first["tokens"][0]):
+        raise ValueError(f"{part['label']!r} covers books {part['books']} x {part['tokens']} tokens, which is not "
+                         f"part of {first['label']!r}'s {first['books']} x {first['tokens']}")
+    n, cut = part["tokens"][0], []
+    for r in (r for r in results if book_of(r) in part["books"]):
+        chunks = [c for c in r["chunks"] if c["start"] <= n]  # scored tokens are ids[1:], so block k starts at 1 + kΔ
+        if sum(c["tokens"] for c in chunks) != n:
+            raise ValueError(f"{part['label']!r}: its first {n} tokens do not end on a block of "
+                             f"{first['label']!r} (another Δ?)")
+        cut.append(r | {"chunks": chunks, "scored_tokens": n})
+    return cut
+
+
+def part_markdown(parts: list[tuple[dict, dict]]) -> str:
+    out = ["", "Runs on part of the text (a CPU-sized run), each next to the first row scored on the same part:", "",
+           "| method | books | scored tokens each | ppl | the first row, same text | change | wall s | run on |",
+           "|---" * 8 + "|"]
+    for r, ref in parts:
+        wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "—"
+        out.append(f"| {r['label']} | {', '.join(r['books'])} | {r['tokens'][0]} | **{r['all']:.2f}** | "
+                   f"{ref['all']:.2f} ({ref['label']}) | {100 * (r['all'] / ref['all'] - 1):+.1f}% | {wall} | "
+                   f"{r['run_on']} |")
+    commands = sorted({c for r, _ in parts for c in r["commands"]})
+    return "\n".join(out) + "\n\nProduced by: " + "; ".join(f"`{c}`" for c in commands) + "\n"
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -149,17 +189,20 @@ def main(argv=None) -> int:
         memory = json.loads(memory_file.read_text()) if memory_file.exists() else {}
         loaded = [(row, load_row(row, folder)) for row in ROWS]
         missing = [row for row, results in loaded if not results]
-        rows = [summarise(row, results, memory) for row, results in loaded if results]
-        if not rows:
+        loaded = [(row, results) for row, results in loaded if results]
+        if not loaded:
             raise ValueError(f"no results in {folder} for any row")
-        for r in rows[1:]:
-            if (r["books"], r["tokens"]) != (rows[0]["books"], rows[0]["tokens"]):
-                raise ValueError(f"{r['label']!r} covers books {r['books']} x {r['tokens']} tokens, but "
-                                 f"{rows[0]['label']!r} covers {rows[0]['books']} x {rows[0]['tokens']}")
+        rows, parts = [summarise(*loaded[0], memory)], []
+        for row, results in loaded[1:]:
+            r = summarise(row, results, memory)
+            if (r["books"], r["tokens"]) == (rows[0]["books"], rows[0]["tokens"]):
+                rows.append(r)
+            else:  # a part of the first row's text, or refused
+                parts.append((r, summarise(loaded[0][0], first_part(loaded[0][1], r, rows[0]), memory)))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    table = markdown(rows)
+    table = markdown(rows) + (part_markdown(parts) if parts else "")
     if missing:
         table += "\nNot run yet (no results in the folder):\n" + "".join(
             f"- {row.label}: `{row.command}` writes {row.files}\n" for row in missing)

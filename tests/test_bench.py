@@ -61,6 +61,18 @@ def test_compare_tabulates_every_row_and_refuses_different_books(tmp_path, capsy
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ") and "---" not in line}
     assert f"**{math.exp(3.0):.2f}**" in rows["base, W=2K"] and f"**{math.exp(2.9):.2f}**" in rows["Temp-LoRA, W=2K"]
     assert f"{2 * 8 * 5.0:.3g}" in rows["Temp-LoRA, W=2K"]  # score_templora + train FLOPs of 8 blocks x 2 books
+    (tmp_path / "bpt" / "books-cpu").mkdir(parents=True)  # a CPU-sized run: book 2, its first 4096 tokens
+    _result(tmp_path / "bpt" / "books-cpu" / "bpt-LT4096-2.json", "2", 4096, 2.5)
+    assert compare.main(["--results", str(tmp_path)]) == 0
+    part = next(line for line in (tmp_path / "compare.md").read_text().splitlines()
+                if line.startswith("| Temp-LoRA, W=2K, L_T=4K (blockwise, CPU run) |"))
+    # next to the first row (base, W=2K) on the same 4 blocks of book 2: exp(2.4) against exp(3.0)
+    assert f"**{math.exp(2.4):.2f}**" in part and f"{math.exp(3.0):.2f} (base, W=2K)" in part and "| 2 | 4096 |" in part
+    assert f"{100 * (math.exp(2.4 - 3.0) - 1):+.1f}%" in part
+    _result(tmp_path / "bpt" / "books-cpu" / "bpt-LT4096-2.json", "2", 1000, 2.5)  # ends inside a block
+    assert compare.main(["--results", str(tmp_path)]) == 2
+    assert "do not end on a block" in capsys.readouterr().err
+    (tmp_path / "bpt" / "books-cpu" / "bpt-LT4096-2.json").unlink()
     _result(tmp_path / "base-w8192-2.json", "3", 8192, 2.9)  # one row now covers another book
     assert compare.main(["--results", str(tmp_path)]) == 2
     assert "covers books" in capsys.readouterr().err
