@@ -155,8 +155,9 @@ def run_point(spec: dict) -> dict:
 
 # glibc keeps freed memory of a size it has seen mmap'd and freed (its threshold rises to it) in the heap, where it
 # stays resident: measured, one BPT step at T=4096 peaked at 3.64 GiB of RSS against 1.33 GiB with this setting,
-# and per-layer checkpointing peaked higher at T=8192 (7.38 GiB) than at 16384 (3.60 GiB). A fixed threshold returns every large block to the system when it is
-# freed, so a CPU's peak RSS follows the tensors alive (at some cost in time: page faults on every new block).
+# and per-layer checkpointing peaked higher at T=8192 (7.38 GiB) than at 16384 (3.60 GiB). A fixed threshold
+# returns every large block to the system when it is freed, so a CPU's peak RSS follows the tensors alive (at
+# some cost in time: page faults on every new block).
 CPU_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
@@ -249,8 +250,8 @@ def summarise(a: argparse.Namespace, points: dict, models: dict) -> dict:
         fits = {v: [T for T in lengths if get(v, T)["status"] == "ok" and get(v, T)["peak_gib"] <= a.budget_gib]
                 for v in a.variants}
         longest = {v: max(ts) if ts else None for v, ts in fits.items()}
-        # exact: a longer length was run and did not fit; otherwise the limit lies beyond what was measured
-        exact = {v: any(get(v, T)["status"] == "OOM" or get(v, T)["status"] == "ok" and T not in fits[v]
+        # exact: some length was run and did not fit; otherwise the limit lies beyond what was measured
+        exact = {v: any(get(v, T)["status"] == "OOM" or (get(v, T)["status"] == "ok" and T not in fits[v])
                         for T in lengths) for v in a.variants}
         ratios = {}  # BPT's longest length against each other variant's, where both are known well enough
         for v in (v for v in a.variants if v != "bpt" and longest.get("bpt")):
@@ -279,6 +280,16 @@ def cell(p: dict) -> str:
     return p["status"] + (" (not run)" if p.get("skipped") else "")
 
 
+def limit_text(longest: int | None, exact: bool, points) -> str:
+    """A variant's "longest in budget" cell: N (a longer length did not fit), ≥ N, none, or why unknown."""
+    if longest:
+        return str(longest) if exact else f"≥ {longest}"
+    if exact:
+        return "none"  # even the shortest length did not fit
+    failed = [p["status"] for p in points if p["status"] not in ("ok", "not run")]
+    return f"unknown ({failed[0]})" if failed else "not run"
+
+
 def markdown(a: argparse.Namespace, summary: dict) -> str:
     out = [f"# BPT in the adapter step: peak memory and time of one step against T = L_T + Δ (Δ = {a.delta})", "",
            f"Budget {a.budget_gib:g} GiB; {a.dtype} on {a.device}; LoRA rank {a.rank} on every linear; B_q={a.q_block}, "
@@ -288,10 +299,7 @@ def markdown(a: argparse.Namespace, summary: dict) -> str:
                 "| variant | " + " | ".join(f"T={T}" for T in a.lengths) + " | longest in budget |",
                 "|---" * (len(a.lengths) + 2) + "|"]
         for v in a.variants:
-            longest, exact = s["longest_in_budget"][v], s["limit_found"][v]
-            failed = [p["status"] for p in s["points"][v].values() if p["status"] not in ("ok", "not run")]
-            limit = (("" if exact else "≥ ") + str(longest) if longest else "none" if exact else
-                     f"unknown ({failed[0]})" if failed else "not run")
+            limit = limit_text(s["longest_in_budget"][v], s["limit_found"][v], s["points"][v].values())
             out.append(f"| {v} | " + " | ".join(cell(s["points"][v][T]) for T in a.lengths) + f" | {limit} |")
         bpt_longest = s["longest_in_budget"].get("bpt")
         ratios = ", ".join(f"{k}: {'≥ ' if r['at_least'] else ''}{r['ratio']:g}x" if r["ratio"] else
