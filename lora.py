@@ -20,6 +20,8 @@ from torch import nn
 # every linear of every block; not the output head (the official code excludes lm_head too)
 DEFAULT_TARGETS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                    "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+# short names for the usual ablations (the --targets flag takes these or module paths)
+TARGET_GROUPS = {"all": DEFAULT_TARGETS, "attn": DEFAULT_TARGETS[:4], "mlp": DEFAULT_TARGETS[4:]}
 
 
 class LoRALinear(nn.Module):
@@ -86,6 +88,26 @@ def add_lora(model: nn.Module, rank: int = 64, alpha: float = 64.0, dropout: flo
         remove_lora(model, wrappers)  # all or nothing
         raise
     return wrappers
+
+
+def lora_targets(spec: str, model: nn.Module) -> tuple[str, ...]:
+    """"attn,feed_forward.w2" -> the module paths inside each block that get an adapter: short names
+    (TARGET_GROUPS) or paths such as "attention.wq", comma-separated; each must be an nn.Linear of the blocks."""
+    paths = []
+    for name in filter(None, (part.strip() for part in spec.split(","))):
+        for path in TARGET_GROUPS.get(name, (name,)):
+            try:
+                module = model.layers[0].get_submodule(path)
+            except AttributeError:
+                raise ValueError(f"{path!r} is not a module of a block (short names: {', '.join(TARGET_GROUPS)}; "
+                                 f"or paths such as attention.wq)") from None
+            if not isinstance(module, (nn.Linear, LoRALinear)):
+                raise ValueError(f"{path!r} is a {type(module).__name__}, not an nn.Linear")
+            if path not in paths:
+                paths.append(path)
+    if not paths:
+        raise ValueError("no module named (e.g. all, attn, mlp or attention.wq,attention.wv)")
+    return tuple(paths)
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -91,7 +91,9 @@ class Window:
 
     It holds text[start : start + length]; later tokens are pending (not yet encoded). When encoding
     the pending tokens and the next block would overflow W positions, the cache is recomputed: it
-    restarts from the last L_x tokens of the text, each encoded exactly once, with the current weights."""
+    restarts from the last L_x tokens of the text, each encoded exactly once, with the current weights.
+    After `invalidate()` (no cache reuse) the next block recomputes too: the same tokens, re-encoded.
+    `recomputes` counts every rebuild of either kind."""
 
     def __init__(self, model: Transformer, size: int, keep: int):
         if not 0 < keep < size:
@@ -101,18 +103,23 @@ class Window:
         self.size, self.keep = size, keep
         self.start = self.length = 0
         self.recomputes = 0
+        self.stale = False  # invalidate() was called: the cached K/V must be re-encoded before use
 
     @property
     def end(self) -> int:  # index in the text of the first token not in the cache
         return self.start + self.length
 
     def make_room(self, n_text: int, n_block: int) -> bool:
-        """Before a block: recompute if pending tokens + the block's new tokens would not fit."""
+        """Before a block: recompute if pending tokens + the block's new tokens would not fit (restart from
+        the last L_x tokens), or if the cache was invalidated (re-encode its tokens). True: it was rebuilt."""
         pending = n_text - self.end
         # the block's last token is never fed (nothing after it is predicted from it), hence the - 1
-        if self.length + pending + n_block - 1 <= self.size:
+        fits = self.length + pending + n_block - 1 <= self.size
+        if fits and not self.stale:
             return False
-        self.start, self.length = max(0, n_text - self.keep), 0
+        if not fits:
+            self.start = max(0, n_text - self.keep)
+        self.length, self.stale = 0, False
         self.recomputes += 1
         return True
 
@@ -123,8 +130,8 @@ class Window:
         self.length += n
 
     def invalidate(self) -> None:
-        """Drop the cached K/V but keep the same tokens: they are re-encoded by the next forward."""
-        self.length = 0
+        """Drop the cached K/V but keep the same tokens: the next make_room re-encodes them (a recompute)."""
+        self.length, self.stale = 0, self.length > 0
 
 
 @torch.no_grad()

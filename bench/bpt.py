@@ -1,5 +1,5 @@
 """BPT (methods/bpt.py) in Temp-LoRA's adapter step: peak memory and time against the training length, and
-what a long L_T buys on the books (issue 14).
+what a long L_T buys on the books.
 
     python -m bench.bpt table --model DIR --device cuda --out DIR                     # ~4 min on an H100
     python -m bench.bpt books --model DIR --books-dir DIR --device cuda --out DIR     # ~3-4 min on an H100
@@ -57,12 +57,13 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.common import LLAMA_1B, REPLICATION, REPO, model_label, require_model
+from cli import DTYPES
 from load_llama import args_from_config, load_llama, load_model
 from lora import add_lora, lora_parameters
 from methods import bpt
 from model import Transformer
 from protocol import perplexity, write_json
-from templora import DTYPES, TempLoRAConfig, evaluate
+from templora import TempLoRAConfig, evaluate, lora_alpha
 from train_block import block_loss, make_optimizer, train_block
 
 VARIANTS = ("vanilla", "today", "checkpoint", "loss", "bpt")
@@ -130,7 +131,7 @@ def run_point(spec: dict) -> dict:
             torch.cuda.synchronize(device)
     model = (load_model(spec["path"], device, dtype) if spec["path"] else random_model(spec["config"], device, dtype))
     cfg = REPLICATION
-    add_lora(model, spec["rank"], cfg.alpha, cfg.dropout, generator=torch.Generator(device).manual_seed(0))
+    add_lora(model, spec["rank"], spec["rank"], cfg.dropout, generator=torch.Generator(device).manual_seed(0))
     optimizer = make_optimizer(lora_parameters(model), cfg.lr)
     T, delta = spec["length"], spec["delta"]
     ids = torch.randint(0, model.args.vocab_size, (T,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -385,6 +386,7 @@ def table_main(a: argparse.Namespace) -> int:
 def run_book(spec: dict) -> dict:
     """One (variant, book): Temp-LoRA over the book's first spec["tokens"] tokens, written to spec["path"]."""
     cfg = TempLoRAConfig(**spec["config"])
+    loss_fn = partial(bpt.block_loss, q_block=spec["blockwise"]) if spec["blockwise"] else block_loss
     model, tok = load_llama(spec["model"], spec["device"], DTYPES[spec["dtype"]])
     ids = tok.encode(Path(spec["text"]).read_text(encoding="utf-8"), bos=tok.bos_id is not None)[: spec["tokens"] + 1]
     if len(ids) < spec["tokens"] + 1:
@@ -395,7 +397,7 @@ def run_book(spec: dict) -> dict:
         if len(chunks) % 8 == 0 or done == total:
             log(f"  block {len(chunks)}: ppl base {perplexity(chunks, 'base'):.2f}, Temp-LoRA "
                 f"{perplexity(chunks, 'templora'):.2f}, {elapsed:.0f} s")
-    r = evaluate(model, ids, cfg, progress=progress)
+    r = evaluate(model, ids, cfg, progress=progress, loss_fn=loss_fn)
     peak = (torch.cuda.max_memory_allocated(spec["device"]) if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     r |= spec["wanted"] | {"book": spec["book"], "variant": spec["variant"], "command": spec["command"],
@@ -410,8 +412,8 @@ def books_main(a: argparse.Namespace) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     base = replace(REPLICATION, **QUICK_KNOBS) if a.quick else REPLICATION
-    variants = {f"LT{a.short_context}": replace(base, context=a.short_context),
-                f"LT{a.long_context}": replace(base, context=a.long_context, blockwise=a.blockwise)}
+    variants = {f"LT{a.short_context}": (replace(base, context=a.short_context), 0),   # (knobs, B_q of the step)
+                f"LT{a.long_context}": (replace(base, context=a.long_context), a.blockwise)}
     books = a.book_ids.split(",")
     texts = {b: Path(a.books_dir) / f"{b}.txt" for b in books}
     missing = [str(p) for p in texts.values() if not p.is_file()]
@@ -419,12 +421,14 @@ def books_main(a: argparse.Namespace) -> int:
         raise ValueError(f"--books-dir: no {', '.join(missing)}")
     t0, results = time.perf_counter(), {}
     for book in books:  # book by book: should the time budget run out, the finished books have both variants
-        for variant, cfg in variants.items():
+        for variant, (cfg, blockwise) in variants.items():
             path = out / f"bpt-{variant}-{book}.json"
-            wanted = {"config": asdict(cfg) | {"base_window": cfg.window}, "model": str(Path(a.model).resolve()),
+            wanted = {"config": asdict(cfg) | {"alpha": lora_alpha(cfg), "base_window": cfg.window,
+                                               "blockwise": blockwise}, "model": str(Path(a.model).resolve()),
                       "dtype": a.dtype, "device": a.device, "text_tokens": a.tokens + 1}
             if path.exists() and not a.force:
                 stored = json.loads(path.read_text())
+                stored["config"] = {"targets": "all"} | stored["config"]  # results from before --targets existed
                 differ = [k for k in wanted if stored.get(k) != wanted[k]]
                 if differ:
                     raise ValueError(f"{path} was made with other settings ({', '.join(differ)}); "
@@ -434,9 +438,9 @@ def books_main(a: argparse.Namespace) -> int:
             if time.perf_counter() - t0 > a.time_budget_s:
                 log(f"{path.name}: not run, --time-budget-s {a.time_budget_s:g} spent (rerun to resume)")
                 continue
-            log(f"{variant} (L_T={cfg.context}{f', blockwise B_q={cfg.blockwise}' if cfg.blockwise else ''}), "
+            log(f"{variant} (L_T={cfg.context}{f', blockwise B_q={blockwise}' if blockwise else ''}), "
                 f"book {book}, in a fresh process (its peak memory is this run's alone)")
-            spec = {"config": asdict(cfg), "model": str(a.model), "device": a.device, "dtype": a.dtype,
+            spec = {"config": asdict(cfg), "blockwise": blockwise, "model": str(a.model), "device": a.device, "dtype": a.dtype,
                     "tokens": a.tokens, "text": str(texts[book]), "book": book, "variant": variant,
                     "command": a.command, "wanted": wanted, "path": str(path)}
             done = subprocess.run([sys.executable, "-m", "bench.bpt", "book", json.dumps(spec)], cwd=REPO,

@@ -34,7 +34,8 @@ from bench.common import EVAL_BOOKS, MODEL_DIR, REPLICATION, TRAIN_BOOKS, model_
 from bench.flops import FlopCounter
 from load_llama import CheckpointError, args_from_config, load_model, load_tokenizer, read_json
 from methods import dcis
-from templora import DTYPES, evaluate
+from cli import DTYPES
+from templora import evaluate
 
 COMMAND = "python -m bench.dcis " + shlex.join(sys.argv[1:])
 PARTS = ("ppl", "templora")  # after the search, which always runs (replaying its log when there is one)

@@ -25,7 +25,7 @@ from protocol import write_json
 LOAD_ONLY = """
 import torch
 from load_llama import load_llama
-from templora import DTYPES
+from cli import DTYPES
 torch.set_num_threads({threads})
 model, tok = load_llama({model!r}, dtype=DTYPES[{dtype!r}])
 ids = tok.encode(open({text!r}, encoding="utf-8").read(), bos=tok.bos_id is not None)

@@ -6,7 +6,7 @@ Runs the same `templora.evaluate` twice on the same token ids, same seed, same k
   float32   base weights, activations, adapter and AdamW state all fp32 (the reference)
   bfloat16  base weights and activations bf16; the adapter and its AdamW state stay fp32 (lora.py stores
             them in fp32 and multiplies in the activations' dtype), the CLI's --dtype bfloat16
-and reports both perplexities and the relative difference of Temp-LoRA's, against the 1% bound of issue 5.
+and reports both perplexities and the relative difference of Temp-LoRA's, within a bound of 1% (`--bound`).
 """
 import argparse
 import sys
@@ -19,7 +19,8 @@ import torch
 from bench.common import BOOK, MODEL_DIR, REPLICATION, RESULTS, require_model
 from load_llama import load_llama
 from protocol import write_json
-from templora import DTYPES, add_knob_flags, config_from_args, evaluate, progress_bar
+from cli import DTYPES, add_knob_flags, config_from_args, progress_bar
+from templora import evaluate
 
 
 def main(argv=None) -> int:

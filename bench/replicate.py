@@ -23,7 +23,8 @@ from bench.common import BASE_WINDOW, EVAL_BOOKS, MODEL_DIR, REPLICATION, RESULT
 from bench.flops import FlopCounter
 from load_llama import load_llama
 from protocol import perplexity, position_buckets, write_json, write_text_atomic
-from templora import DTYPES, TempLoRAConfig, add_knob_flags, check_config, config_from_args, evaluate, progress_bar
+from cli import DTYPES, add_knob_flags, config_from_args, progress_bar
+from templora import TempLoRAConfig, check_config, evaluate, lora_alpha
 
 COMMAND = "python -m bench.replicate " + shlex.join(sys.argv[1:])
 BUCKETS = position_buckets((0, 4096, 8192, 16384, 32768))
@@ -92,7 +93,9 @@ def plan(a: argparse.Namespace, books: list[str]) -> list[Run]:
 
 def settings(run: Run, a: argparse.Namespace) -> dict:
     """What a stored JSON must match to be reused instead of recomputed."""
-    return {"config": asdict(run.cfg) | {"base_window": run.base_window or run.cfg.window},
+    # the knobs as templora.evaluate records them (α resolved); the adapter step is always the plain one here
+    return {"config": asdict(run.cfg) | {"alpha": lora_alpha(run.cfg), "base_window": run.base_window or run.cfg.window,
+                                         "blockwise": 0},
             "model": str(Path(a.model).resolve()), "dtype": a.dtype, "device": a.device,
             "text_tokens": run.tokens + 1}
 
@@ -106,7 +109,7 @@ def run_all(a: argparse.Namespace, runs: list[Run], label: str) -> dict:
         if path.exists() and not a.force:
             stored, wanted = json.loads(path.read_text()), settings(run, a)
             # a knob added after a result was written did not exist then: that run had the knob's default
-            stored["config"] = asdict(TempLoRAConfig()) | stored.get("config", {})
+            stored["config"] = asdict(TempLoRAConfig()) | {"blockwise": 0} | stored.get("config", {})
             differ = [k for k in wanted if stored.get(k) != wanted[k]]
             if differ:
                 sys.exit(f"error: {path} was made with other settings ({', '.join(differ)}); "

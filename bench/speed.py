@@ -43,7 +43,8 @@ from load_llama import load_model, load_tokenizer, read_json
 from lora import add_lora, lora_parameters, remove_lora
 from model import KVCache, generate
 from protocol import Window, write_json
-from templora import DTYPES, TempLoRAConfig, eval_block
+from cli import DTYPES
+from templora import TempLoRAConfig, eval_block
 from train_block import make_optimizer, train_block
 
 # ratio ours / theirs wanted for each benchmark; the adapter step on the 1B model should reach half the bf16 peak

@@ -40,7 +40,7 @@ from bench.flops import FlopCounter, uio_flops
 from load_llama import load_llama
 from methods.uio import BPTT_MODES, UIO, Reader, UIOConfig, check_sizes, text_gradient, train_step
 from protocol import Window, evaluate_blocks, perplexity, score_block, write_text_atomic
-from templora import DTYPES
+from cli import DTYPES
 from train_block import make_optimizer
 
 COMMAND = "python -m bench.uio " + shlex.join(sys.argv[1:])

