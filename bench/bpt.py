@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.common import LLAMA_1B, REPLICATION, REPO, model_label, require_model
+from bench.common import EVAL_BOOKS, LLAMA_1B, REPLICATION, REPO, model_label, require_books, require_model
 from cli import DTYPES
 from load_llama import args_from_config, load_llama, load_model
 from lora import add_lora, lora_parameters
@@ -502,7 +502,8 @@ def parse_args(argv) -> argparse.Namespace:
                    help="one step per point, timed as it is (a CPU's long points); default: two, the second timed")
     b = sub.add_parser("books", help="Temp-LoRA at L_T=512 against a long L_T run blockwise, on the eval books")
     common(b, 240)
-    b.add_argument("--books-dir", required=True, help="folder with <id>.txt (pg19-templora40)")
+    b.add_argument("--books-dir", default=str(EVAL_BOOKS), help="folder with <id>.txt (default: pg19-templora40 "
+                   "of python -m tools.pg19)")
     b.add_argument("--book-ids", default=BOOK_IDS)
     b.add_argument("--tokens", type=int, help="scored tokens per book (default 32768)")
     b.add_argument("--short-context", type=int, help=f"L_T of the replication (default {REPLICATION.context})")
@@ -551,6 +552,8 @@ def main(argv=None) -> int:
         return 0
     if a.mode == "books" or "smollm2" in a.models:
         require_model(a.model)
+    if a.mode == "books":
+        require_books(a.books_dir, "--books-dir", a.book_ids.split(","))
     try:
         return table_main(a) if a.mode == "table" else books_main(a)
     except ValueError as e:

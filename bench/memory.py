@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import BASE_WINDOW, BOOK, MODEL_DIR, REPLICATION, REPO, RESULTS, require_model
+from bench.common import BASE_WINDOW, BOOK, MODEL_DIR, REPLICATION, REPO, RESULTS, require_books, require_model
 from protocol import write_json
 
 # what cmd_eval does before evaluate(): load the checkpoint, tokenize the whole text (run from the repo root)
@@ -67,6 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS / "memory.json"))
     a = p.parse_args(argv)
     require_model(a.model)
+    require_books(a.text, "--text")
     sizes = [int(x) for x in a.tokens.split(",") if x.strip()]
     skip = {x.strip() for x in a.skip.split(",") if x.strip()}
     base_keep = a.base_keep or a.base_window // 2

@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.common import BOOK, MODEL_DIR, require_model
+from bench.common import BOOK, MODEL_DIR, require_books, require_model
 from load_llama import load_llama
 from model import KVCache, generate
 
@@ -29,6 +29,7 @@ def main():
     p.add_argument("--tokens", type=int, default=2048)
     a = p.parse_args()
     require_model(a.model)
+    require_books(a.book, "--book")
     import tokenizers
     import transformers
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import BOOK, MODEL_DIR, REPLICATION, RESULTS, require_model
+from bench.common import BOOK, MODEL_DIR, REPLICATION, RESULTS, require_books, require_model
 from load_llama import load_llama
 from protocol import write_json
 from cli import DTYPES, add_knob_flags, config_from_args, progress_bar
@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS / "precision.json"))
     a = p.parse_args(argv)
     require_model(a.model)
+    require_books(a.text, "--text")
     torch.set_num_threads(a.threads)
     cfg = config_from_args(a)
 

@@ -19,7 +19,8 @@ from typing import NamedTuple
 
 import torch
 
-from bench.common import BASE_WINDOW, EVAL_BOOKS, MODEL_DIR, REPLICATION, RESULTS, model_label, require_model
+from bench.common import (BASE_WINDOW, EVAL_BOOKS, MODEL_DIR, REPLICATION, RESULTS, model_label, require_books,
+                          require_model)
 from bench.flops import FlopCounter
 from load_llama import load_llama
 from protocol import perplexity, position_buckets, write_json, write_text_atomic
@@ -358,6 +359,7 @@ def plots(main, base, out: Path, label: str) -> None:
 def main(argv=None) -> None:
     a = parse_args(argv)
     require_model(a.model)
+    require_books(a.books_dir, "--books-dir", a.book_ids.split(",") if a.book_ids else ())
     books = a.book_ids.split(",") if a.book_ids else sorted(
         (p.stem for p in Path(a.books_dir).glob("*.txt")), key=lambda s: (len(s), s))[: a.books]
     if len(books) < a.books:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import BOOK, LLAMA_1B, MODEL_DIR, RESULTS, require_model
+from bench.common import BOOK, LLAMA_1B, MODEL_DIR, RESULTS, require_books, require_model
 from bench.flops import prefill_flops, step_flops
 from bench.templora_hf import add_peft_lora, eval_block_hf, make_optimizer_hf, train_hf
 from load_llama import load_model, load_tokenizer, read_json
@@ -375,8 +375,9 @@ def cpu_name() -> str:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    if a.model in ("smollm2", "both"):
-        require_model(a.smollm2_dir)
+    if a.model in ("smollm2", "both"):  # the random 1B model needs neither
+        require_model(a.smollm2_dir, "--smollm2-dir")
+        require_books(a.book, "--book")
     import peft
     import transformers
     transformers.utils.logging.disable_progress_bar()

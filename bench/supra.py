@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import EVAL_BOOKS, MODEL_DIR, RESULTS, TRAIN_BOOKS, model_label, stored
+from bench.common import EVAL_BOOKS, MODEL_DIR, RESULTS, TRAIN_BOOKS, model_label, require_books, require_model, stored
 from load_llama import load_model, load_tokenizer, read_json
 from methods.supra import (ADAM_EPS, LOLCATS_LORA, MAX_GRAD_NORM, RecurrentState, attention_transfer_loss, build,
                            load_linearized, load_optimizer_state, load_tensors, lr_at, next_token_loss,
@@ -526,6 +526,11 @@ def run(a: argparse.Namespace) -> None:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    require_model(a.model)  # before anything is loaded or written
+    if {"reference", "eval", "decode"} - a.skip:  # the stages that read the evaluation books
+        require_books(a.books_dir, "--books-dir", a.book_ids)
+    if a.variants:  # uptraining reads the training books
+        require_books(a.train_books_dir, "--train-books-dir", ())
     try:
         run(a)
     except ValueError as e:  # CheckpointError is a ValueError: bad files, bad settings, a diverged run

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
-from bench.common import EVAL_BOOKS, MODEL_DIR, RESULTS, TRAIN_BOOKS, model_label, stored
+from bench.common import EVAL_BOOKS, MODEL_DIR, RESULTS, TRAIN_BOOKS, model_label, require_books, require_model, stored
 from bench.compare import BUCKETS
 from bench.flops import FlopCounter, uio_flops
 from load_llama import load_llama
@@ -464,6 +464,10 @@ def run(a: argparse.Namespace) -> None:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    require_model(a.model)  # before the model is loaded or anything written
+    require_books(a.books_dir, "--books-dir", a.book_ids)
+    if a.train_variants:
+        require_books(a.train_books_dir, "--train-books-dir", ())
     try:
         run(a)
     except ValueError as e:  # bad files, knobs and sizes end here, in one line
