@@ -148,10 +148,33 @@ def check_args(a: argparse.Namespace) -> None:
             problems.append(f"{flag} must be {allowed}, got {value}")
     if (why := device_problem(a.device)) is not None:
         problems.append(f"--device {a.device}: {why}")
+    problems += ignored_flags(a)
     if problems:
         raise ValueError("; ".join(problems))
     if getattr(a, "out", None):
         check_out(a.out)
+
+
+# the flags that only the adapter uses: with --no-templora they would be accepted and ignored
+ADAPTER_FLAGS = ("context", "rank", "alpha", "targets", "dropout", "lr", "warmup_blocks", "epochs", "blockwise",
+                 "no_cache_reuse")
+
+
+def ignored_flags(a: argparse.Namespace) -> list[str]:
+    """Flags given a value that this run would not use (a flag is never accepted and ignored)."""
+    problems = []
+    greedy = getattr(a, "temperature", 1.0) == 0
+    if greedy and a.top_p != 1.0:
+        problems.append(f"--top-p {a.top_p}: has no effect with --temperature 0 (greedy decoding)")
+    if getattr(a, "no_templora", False):
+        defaults = vars(TempLoRAConfig()) | {"blockwise": 0, "no_cache_reuse": False, "alpha": None}
+        given = [name for name in ADAPTER_FLAGS if getattr(a, name) != defaults[name]]
+        if a.seed != 0 and (a.command == "eval" or greedy):  # without an adapter the seed only drives sampling
+            given.append("seed")
+        if getattr(a, "base_window", None) is not None:
+            given.append("base_window")  # the base model alone: its window is --window
+        problems += [f"--{name.replace('_', '-')}: has no effect with --no-templora" for name in given]
+    return problems
 
 
 class OutputError(ValueError):
@@ -236,7 +259,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
             print(f"\nkept the {len(finished)} finished block(s) in {a.out} (\"complete\": false)", file=sys.stderr)
         raise
     result |= about | {"complete": True}
-    sys.stderr.write("\n")
+    if not a.quiet:
+        sys.stderr.write("\n")  # past the progress line
     save(a.out, lambda path: write_json(path, result))
     if result["skipped_updates"]:
         print(f"warning: {result['skipped_updates']} adapter update(s) skipped (non-finite loss or gradient; "

@@ -1,10 +1,8 @@
 """Fixtures shared by several test files: a tiny checkpoint with a byte-level Meta tokenizer and a short
 text, for the CLI and the benchmarks. (Importable helpers live in helpers.py.)"""
-import base64
-
 import pytest
 
-from helpers import CKPT_CONFIG, write_hf_checkpoint
+from helpers import CKPT_CONFIG, write_byte_tokenizer, write_hf_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -12,8 +10,7 @@ def ckpt(tmp_path_factory):
     """A random Llama whose tokenizer is Meta's format with one token per byte (+ 256 specials = 512)."""
     path = tmp_path_factory.mktemp("ckpt")
     write_hf_checkpoint(path, shard=False, **CKPT_CONFIG)
-    lines = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256)]
-    (path / "tokenizer.model").write_text("\n".join(lines) + "\n")
+    write_byte_tokenizer(path)
     return path
 
 

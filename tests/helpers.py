@@ -1,5 +1,6 @@
 """Helpers the tests import: tiny random models, checkpoints written by transformers in the official
 layout, checksums. (Fixtures live in conftest.py.)"""
+import base64
 import errno
 import hashlib
 
@@ -43,6 +44,12 @@ def write_hf_checkpoint(path, seed: int = 0, shard: bool = True, **config):
                 p.normal_(0.0, 0.05)
     hf.to(torch.bfloat16).save_pretrained(path, max_shard_size="100KB" if shard else "10GB")
     return hf
+
+
+def write_byte_tokenizer(path) -> None:
+    """tokenizer.model in Meta's format with one token per byte (ids 0..255; the 256 specials follow)."""
+    lines = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256)]
+    (path / "tokenizer.model").write_text("\n".join(lines) + "\n")
 
 
 def checksums(model) -> dict[str, str]:

@@ -131,5 +131,6 @@ def test_generate_never_samples_an_id_the_tokenizer_lacks(padded_ckpt, book, tmp
     unmasked = generate(net, cache, tok.encode("It was", bos=True), 0, 8)
     assert max(unmasked) >= tok.n_words == 512  # without the mask this model picks padded ids
     out = tmp_path / "gen.txt"
-    assert generate_cli(padded_ckpt, book, out, "--max-new-tokens", "16", "--no-templora") == 0
+    assert main(["generate", "--model", str(padded_ckpt), "--prompt-file", str(book), "--out", str(out), "--quiet",
+                 "--delta", "32", "--window", "96", "--keep", "32", "--max-new-tokens", "16", "--no-templora"]) == 0
     assert out.read_bytes() == bytes(16)  # every real token scores 0, so greedy takes id 0 (a NUL byte) each time

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from helpers import checksums, tiny_model
-from lora import LoRALinear, add_lora, lora_parameters
+from lora import LoRALinear, add_lora, lora_parameters, remove_lora
 from model import KVCache
-from templora import TempLoRAConfig, Window, check_config, evaluate, generate_templora, score_block
+from templora import (TempLoRAConfig, Window, add_adapter, check_config, evaluate, generate_templora,
+                      score_block)
 from train_block import make_optimizer, train_block
 
 SMALL = dict(delta=16, context=32, window=48, keep=24, rank=8, alpha=16, dropout=0.0, lr=1e-2, epochs=2)
@@ -237,3 +238,94 @@ def test_make_optimizer_takes_parameters_not_a_model():
         make_optimizer(model)
     with pytest.raises(ValueError, match="no parameters to train"):
         make_optimizer([])
+
+
+def block_lines(lines: list[str]) -> dict[int, list[str]]:
+    """generate_templora's log, by block: {0: ["generate: ...", "train: ..."], 1: ["reuse: ...", ...]}."""
+    out: dict[int, list[str]] = {}
+    for line in lines:
+        if m := re.match(r"\[block (\d+)\] (.*)", line):
+            out.setdefault(int(m[1]), []).append(m[2])
+    return out
+
+
+@pytest.mark.parametrize("cache_reuse", [True, False])
+def test_generate_logs_a_reuse_only_when_the_cache_is_reused_and_a_recompute_whenever_it_is_rebuilt(cache_reuse):
+    lines = []
+    generate_templora(tiny_model(), [1, 2, 3, 4, 5], 100, TempLoRAConfig(**SMALL, cache_reuse=cache_reuse),
+                      log=lines.append)
+    blocks = block_lines(lines)
+    assert len(blocks) == math.ceil(100 / 16)
+    assert not any(s.startswith(("reuse", "recompute")) for s in blocks[0])  # the first block: an empty cache
+    for i in range(1, len(blocks)):
+        kinds = [s.split(":")[0] for s in blocks[i] if s.startswith(("reuse", "recompute"))]
+        assert len(kinds) == 1, blocks[i]
+        if not cache_reuse:
+            assert kinds == ["recompute"]  # every update invalidates the cache: it is rebuilt, never reused
+    if cache_reuse:
+        kinds = [s.split(":")[0] for i in range(1, len(blocks)) for s in blocks[i] if s.startswith(("reuse", "recompute"))]
+        assert "reuse" in kinds and "recompute" in kinds  # W = 48 overflows now and then
+    assert not any("K/V of 0 tokens" in s for s in lines)
+
+
+@pytest.mark.parametrize("cache_reuse", [True, False])
+def test_eval_counts_a_recompute_for_every_block_whose_cache_was_rebuilt(cache_reuse):
+    ids = torch.randint(0, 300, (90,), generator=torch.Generator().manual_seed(0)).tolist()
+    r = evaluate(tiny_model(), ids, TempLoRAConfig(**SMALL, cache_reuse=cache_reuse))
+    flags = [c["recomputed"] for c in r["chunks"]]
+    assert flags[0] is False  # the first block starts from an empty cache: nothing is rebuilt
+    if cache_reuse:  # Δ = 16 in W = 48: a block overflows the window now and then, and only then
+        assert 0 < sum(flags) < len(flags) - 1
+    else:
+        assert all(flags[1:])
+    assert r["recomputes"]["templora"] == sum(flags)
+
+
+def test_window_invalidate_makes_the_next_block_a_recompute_of_the_same_tokens():
+    model = tiny_model()
+    window = Window(model, 48, 24)
+    window.advance(20)
+    window.invalidate()
+    assert window.make_room(21, 8) and (window.start, window.length, window.recomputes) == (0, 0, 1)
+    window.advance(20)
+    assert not window.make_room(21, 8)  # not invalidated again: reused
+
+
+def test_targets_put_the_adapter_on_the_named_linears_only_and_are_recorded():
+    model = tiny_model()
+    ids = torch.randint(0, 300, (60,), generator=torch.Generator().manual_seed(0)).tolist()
+    args = model.args
+    attn = evaluate(model, ids, TempLoRAConfig(**SMALL, targets="attn"))
+    paths = evaluate(model, ids, TempLoRAConfig(**SMALL, targets="attention.wq,attention.wv"))
+    every = evaluate(model, ids, TempLoRAConfig(**SMALL))
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    r = SMALL["rank"]
+    # each adapter is A (r, in) and B (out, r): r * (in + out) per linear and layer
+    assert attn["adapter_parameters"] == args.n_layers * r * ((args.dim + q) * 2 + (args.dim + kv) * 2)
+    assert paths["adapter_parameters"] == args.n_layers * r * ((args.dim + q) + (args.dim + kv))
+    assert every["adapter_parameters"] == attn["adapter_parameters"] + args.n_layers * r * 3 * (args.dim + args.hidden_dim)
+    assert (attn["config"]["targets"], every["config"]["targets"]) == ("attn", "all")
+    assert attn["chunks"][-1]["nll_templora"] != pytest.approx(every["chunks"][-1]["nll_templora"], rel=1e-6)
+    assert attn["chunks"][0]["nll_templora"] == every["chunks"][0]["nll_templora"]  # before training: the base
+
+
+@pytest.mark.parametrize("targets, message", [("attention.nope", "'attention.nope' is not a module of a block"),
+                                              ("attention", "'attention' is a Attention, not an nn.Linear"),
+                                              (",", "no module named")])
+def test_bad_targets_are_rejected_naming_the_flag(targets, message):
+    with pytest.raises(ValueError, match=re.escape(f"--targets {targets}: {message}")):
+        check_config(TempLoRAConfig(**SMALL, targets=targets), tiny_model())
+
+
+def test_alpha_defaults_to_the_rank_so_a_rank_change_keeps_the_scale_at_1():
+    model = tiny_model()
+    ids = list(range(40))
+    for rank in (2, 8):
+        knobs = SMALL | {"rank": rank}
+        del knobs["alpha"]
+        r = evaluate(model, ids, TempLoRAConfig(**knobs))
+        assert r["config"]["alpha"] == rank and r["config"]["rank"] == rank
+    for rank in (2, 8):
+        wrappers = add_adapter(model, TempLoRAConfig(rank=rank))
+        assert {w.scale for w in wrappers} == {1.0}
+        remove_lora(model, wrappers)
