@@ -45,7 +45,7 @@ COMMAND = "python -m bench.supra " + shlex.join(sys.argv[1:])
 VARIANTS = ("supra", "lolcats")
 LABELS = {"supra": "SUPRA (all weights, next-token loss)", "lolcats": "LoLCATs (attention transfer, then LoRA)"}
 BUCKETS = position_buckets((0, 4096, 8192, 16384, 32768))
-# full: the replication's books and blocks; ~7 minutes on one H100 (README: the budget)
+# full: the replication's books and blocks; ~7 minutes on one H100 (docs/supra.md: the budget)
 SIZES = {
     "full": dict(tokens=32768, delta=1024, base_window=2048, base_keep=1024, train_tokens=2_000_000, seq_len=2048,
                  batch=4, save_every=100, chunk=128, train_minutes=2.0, prompt_lengths="1024,4096,16384,65536",

@@ -1,6 +1,6 @@
 """The memory and precision benchmarks run end to end on a tiny checkpoint and write what they report.
 
-(Their figures come from real runs documented in README.md; here only the plumbing is checked, so that
+(Their figures come from real runs documented under docs/; here only the plumbing is checked, so that
 the scripts do not rot. Speed is never asserted.)"""
 import json
 import math
