@@ -12,7 +12,7 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -20,7 +20,8 @@ import torch
 
 from model import Transformer
 from protocol import perplexity, position_table, scorers, write_json, write_text_atomic
-from templora import TempLoRAConfig, check_config, evaluate, format_losses, generate_templora, lora_alpha
+from templora import (TempLoRAConfig, check_config, config_record, evaluate, format_losses, generate_templora,
+                      lora_alpha)
 from train_block import block_loss
 
 REPO = Path(__file__).resolve().parent
@@ -61,12 +62,6 @@ def adapter_loss(a: argparse.Namespace):
         return block_loss
     from methods import bpt
     return partial(bpt.block_loss, q_block=a.blockwise)
-
-
-def config_record(cfg: TempLoRAConfig, a: argparse.Namespace, base_window: int | None = None) -> dict:
-    """The knobs as a result file records them: α resolved, the base model's window, the adapter step's form."""
-    return asdict(cfg) | {"alpha": lora_alpha(cfg), "base_window": base_window or cfg.window,
-                          "blockwise": a.blockwise}
 
 
 def read_text(path: str, what: str) -> str:
@@ -167,7 +162,7 @@ def ignored_flags(a: argparse.Namespace) -> list[str]:
     if greedy and a.top_p != 1.0:
         problems.append(f"--top-p {a.top_p}: has no effect with --temperature 0 (greedy decoding)")
     if getattr(a, "no_templora", False):
-        defaults = vars(TempLoRAConfig()) | {"blockwise": 0, "no_cache_reuse": False, "alpha": None}
+        defaults = vars(TempLoRAConfig()) | {"blockwise": 0, "no_cache_reuse": False}
         given = [name for name in ADAPTER_FLAGS if getattr(a, name) != defaults[name]]
         if a.seed != 0 and (a.command == "eval" or greedy):  # without an adapter the seed only drives sampling
             given.append("seed")
@@ -237,7 +232,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     if a.max_tokens:
         ids = ids[: a.max_tokens]
     about = {"model": str(a.model), "text": str(a.text), "text_tokens": len(ids), "dtype": a.dtype,
-             "device": a.device, "config": config_record(cfg, a, a.base_window)}
+             "device": a.device, "config": config_record(cfg, a.base_window) | {"blockwise": a.blockwise}}
 
     def unfinished(chunks: list[dict]) -> dict:  # the blocks done so far, in the result's shape
         return ({f"ppl_{name}": perplexity(chunks, name) for name in scorers(chunks)}
@@ -317,8 +312,8 @@ def demo(a: argparse.Namespace) -> None:
     cfg = config_from_args(a, TINY_DEMO if a.tiny else DEMO)
     torch.set_num_threads(a.threads or torch.get_num_threads())
     if a.tiny:
-        model, tok = tiny_model_and_tokenizer(a.device, DTYPES[a.dtype or "float32"])
         dtype = a.dtype or "float32"
+        model, tok = tiny_model_and_tokenizer(a.device, DTYPES[dtype])
     else:
         from load_llama import load_llama
         from tools.smollm2 import ensure_smollm2

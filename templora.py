@@ -45,6 +45,11 @@ def lora_alpha(cfg: TempLoRAConfig) -> float:
     return float(cfg.rank) if cfg.alpha is None else cfg.alpha
 
 
+def config_record(cfg: TempLoRAConfig, base_window: int | None = None) -> dict:
+    """The knobs as a result file records them: α resolved, the base model's window."""
+    return asdict(cfg) | {"alpha": lora_alpha(cfg), "base_window": base_window or cfg.window}
+
+
 def check_config(cfg: TempLoRAConfig, model: Transformer, base_window: int | None = None) -> None:
     """Reject knob values that cannot work, naming the flag."""
     max_len = model.args.max_seq_len
@@ -210,7 +215,7 @@ def evaluate(model: Transformer, ids: list[int], cfg: TempLoRAConfig, base_windo
         "recomputes": {"base": base_win.recomputes, "templora": lora_win.recomputes if cfg.templora else None},
         "skipped_updates": sum(x is None for c in chunks for x in c.get("train_loss", [])),
         "adapter_parameters": sum(p.numel() for p in params),
-        "config": asdict(cfg) | {"alpha": lora_alpha(cfg), "base_window": base_size},
+        "config": config_record(cfg, base_size),
         "timings": seconds | result["timings"],
     }
 

@@ -56,14 +56,15 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.common import EVAL_BOOKS, LLAMA_1B, REPLICATION, REPO, model_label, require_books, require_model
+from bench.common import (EVAL_BOOKS, LLAMA_1B, REPLICATION, REPO, model_label, require_books, require_model,
+                          with_default_knobs)
 from cli import DTYPES
 from load_llama import args_from_config, load_llama, load_model
 from lora import add_lora, lora_parameters
 from methods import bpt
 from model import Transformer
 from protocol import perplexity, write_json
-from templora import TempLoRAConfig, evaluate, lora_alpha
+from templora import TempLoRAConfig, config_record, evaluate
 from train_block import block_loss, make_optimizer, train_block
 
 VARIANTS = ("vanilla", "today", "checkpoint", "loss", "bpt")
@@ -423,12 +424,11 @@ def books_main(a: argparse.Namespace) -> int:
     for book in books:  # book by book: should the time budget run out, the finished books have both variants
         for variant, (cfg, blockwise) in variants.items():
             path = out / f"bpt-{variant}-{book}.json"
-            wanted = {"config": asdict(cfg) | {"alpha": lora_alpha(cfg), "base_window": cfg.window,
-                                               "blockwise": blockwise}, "model": str(Path(a.model).resolve()),
+            wanted = {"config": config_record(cfg) | {"blockwise": blockwise}, "model": str(Path(a.model).resolve()),
                       "dtype": a.dtype, "device": a.device, "text_tokens": a.tokens + 1}
             if path.exists() and not a.force:
                 stored = json.loads(path.read_text())
-                stored["config"] = {"targets": "all"} | stored["config"]  # results from before --targets existed
+                stored["config"] = with_default_knobs(stored["config"])
                 differ = [k for k in wanted if stored.get(k) != wanted[k]]
                 if differ:
                     raise ValueError(f"{path} was made with other settings ({', '.join(differ)}); "
@@ -440,8 +440,8 @@ def books_main(a: argparse.Namespace) -> int:
                 continue
             log(f"{variant} (L_T={cfg.context}{f', blockwise B_q={blockwise}' if blockwise else ''}), "
                 f"book {book}, in a fresh process (its peak memory is this run's alone)")
-            spec = {"config": asdict(cfg), "blockwise": blockwise, "model": str(a.model), "device": a.device, "dtype": a.dtype,
-                    "tokens": a.tokens, "text": str(texts[book]), "book": book, "variant": variant,
+            spec = {"config": asdict(cfg), "blockwise": blockwise, "model": str(a.model), "device": a.device,
+                    "dtype": a.dtype, "tokens": a.tokens, "text": str(texts[book]), "book": book, "variant": variant,
                     "command": a.command, "wanted": wanted, "path": str(path)}
             done = subprocess.run([sys.executable, "-m", "bench.bpt", "book", json.dumps(spec)], cwd=REPO,
                                   stdout=subprocess.PIPE, text=True)

@@ -2,6 +2,7 @@
 Temp-LoRA settings (so every benchmark that says "the replication's knobs" means the same ones)."""
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from templora import TempLoRAConfig
@@ -71,6 +72,11 @@ def require_books(path, flag: str, ids=None) -> None:
         print(f"error: {problem} ({flag}); get the PG19 books with `{get}` or pass {flag} "
               f"{'FILE' if ids is None else 'DIR'}", file=sys.stderr)
         sys.exit(2)
+
+
+def with_default_knobs(config: dict) -> dict:
+    """A stored result's knobs, with the default of every knob added after it was written (that run had it)."""
+    return asdict(TempLoRAConfig()) | {"blockwise": 0} | config
 
 
 def stored(path: Path, wanted: dict) -> dict | None:

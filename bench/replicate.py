@@ -13,19 +13,19 @@ import argparse
 import json
 import shlex
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from bench.common import (BASE_WINDOW, EVAL_BOOKS, MODEL_DIR, REPLICATION, RESULTS, model_label, require_books,
-                          require_model)
+                          require_model, with_default_knobs)
 from bench.flops import FlopCounter
 from load_llama import load_llama
 from protocol import perplexity, position_buckets, write_json, write_text_atomic
 from cli import DTYPES, add_knob_flags, config_from_args, progress_bar
-from templora import TempLoRAConfig, check_config, evaluate, lora_alpha
+from templora import TempLoRAConfig, check_config, config_record, evaluate
 
 COMMAND = "python -m bench.replicate " + shlex.join(sys.argv[1:])
 BUCKETS = position_buckets((0, 4096, 8192, 16384, 32768))
@@ -94,9 +94,8 @@ def plan(a: argparse.Namespace, books: list[str]) -> list[Run]:
 
 def settings(run: Run, a: argparse.Namespace) -> dict:
     """What a stored JSON must match to be reused instead of recomputed."""
-    # the knobs as templora.evaluate records them (α resolved); the adapter step is always the plain one here
-    return {"config": asdict(run.cfg) | {"alpha": lora_alpha(run.cfg), "base_window": run.base_window or run.cfg.window,
-                                         "blockwise": 0},
+    # the knobs as templora.evaluate records them; the adapter step is always the plain one here
+    return {"config": config_record(run.cfg, run.base_window) | {"blockwise": 0},
             "model": str(Path(a.model).resolve()), "dtype": a.dtype, "device": a.device,
             "text_tokens": run.tokens + 1}
 
@@ -109,8 +108,7 @@ def run_all(a: argparse.Namespace, runs: list[Run], label: str) -> dict:
         path = out / f"{run.name}-{run.book}.json"
         if path.exists() and not a.force:
             stored, wanted = json.loads(path.read_text()), settings(run, a)
-            # a knob added after a result was written did not exist then: that run had the knob's default
-            stored["config"] = asdict(TempLoRAConfig()) | {"blockwise": 0} | stored.get("config", {})
+            stored["config"] = with_default_knobs(stored.get("config", {}))
             differ = [k for k in wanted if stored.get(k) != wanted[k]]
             if differ:
                 sys.exit(f"error: {path} was made with other settings ({', '.join(differ)}); "

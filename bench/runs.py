@@ -40,9 +40,10 @@ def knob_table(names: list[str], runs: list[dict]) -> tuple[list[str], str]:
     keys = sorted({k for r in runs for k in r["config"]})
     differ = [k for k in keys if len({json.dumps(r["config"].get(k)) for r in runs}) > 1]
     same = ", ".join(f"{k}={runs[0]['config'].get(k)}" for k in keys if k not in differ)
-    rows = ["| run | " + " | ".join(differ) + " |", "|---" * (len(differ) + 1) + "|"] if differ else []
-    rows += [f"| {n} | " + " | ".join(str(r["config"].get(k)) for k in differ) + " |" for n, r in zip(names, runs)] \
-        if differ else []
+    if not differ:
+        return [], same
+    rows = ["| run | " + " | ".join(differ) + " |", "|---" * (len(differ) + 1) + "|"]
+    rows += [f"| {n} | " + " | ".join(str(r["config"].get(k)) for k in differ) + " |" for n, r in zip(names, runs)]
     return rows, same
 
 

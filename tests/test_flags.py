@@ -59,6 +59,9 @@ def demo_numbers(stdout: str) -> str:
     return re.sub(r"\[\d+s\]|; \d+s$", "", stdout, flags=re.M)
 
 
+observed_threads: list[int] = []  # torch's thread count at the end of each run (--threads sets it)
+
+
 def run(argv: list[str]) -> tuple[int, str, str]:
     threads = torch.get_num_threads()
     out, err = io.StringIO(), io.StringIO()
@@ -69,9 +72,6 @@ def run(argv: list[str]) -> tuple[int, str, str]:
         observed_threads.append(torch.get_num_threads())
         torch.set_num_threads(threads)
     return code, out.getvalue(), err.getvalue()
-
-
-observed_threads: list[int] = []  # torch's thread count at the end of each run (--threads sets it)
 
 
 def argv_for(command: str, paths: dict, flag: str | None = None, values=()) -> list[str]:
