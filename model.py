@@ -284,17 +284,20 @@ class Transformer(nn.Module):
         return self.output(self.hidden_states(h, start_pos, cache, last))                 # (bs, seqlen or last, vocab)
 
     def hidden_states(self, h: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
-                      last: int | None = None) -> torch.Tensor:
+                      last: int | None = None, layer_forward: Callable | None = None) -> torch.Tensor:
         """Input embeddings h (bs, seqlen, dim) -> final hidden states after the last norm (bs, seqlen or
         last, dim), i.e. everything but the token lookup and the output head. The seam for methods that
         feed vectors that are not token embeddings (memory tokens) or apply the head themselves (a
-        blockwise loss)."""
+        blockwise loss). `layer_forward(layer, h, cos, sin)`, without a cache only: runs each layer in its
+        place, the same values computed another way (train_block: lean_backward.lean_block, less memory)."""
         bsz, seqlen, _ = h.shape
         if cache is not None and start_pos + seqlen > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; cannot write {seqlen} at {start_pos}")
         cos, sin = rope_cos_sin(self.args, start_pos, seqlen, h.device)                    # (seqlen, head_dim)
         for i, layer in enumerate(self.layers):
-            if cache is None:
+            if cache is None and layer_forward is not None:
+                h = layer_forward(layer, h, cos, sin)
+            elif cache is None:
                 h = layer(h, cos, sin, start_pos)
             else:
                 h = layer(h, cos, sin, start_pos, cache.k[i], cache.v[i])

@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lean_backward import lean_block, release_memory
+
+HEAD_ELEMENTS = 2 ** 24  # logits computed at a time by the lean loss: 64 MB in fp32
 
 def make_optimizer(params, lr: float = 5e-5, weight_decay: float = 0.0,
                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-7) -> torch.optim.AdamW:
@@ -22,15 +25,52 @@ def make_optimizer(params, lr: float = 5e-5, weight_decay: float = 0.0,
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
-def block_loss(model: nn.Module, context: list[int], block: list[int]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the block's tokens, given the context before it."""
+class HeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of the logits h W^T (W the frozen output head), a few rows at a time, with its
+    gradient computed in the forward: the (n, vocab) logits are never whole and nothing of them is kept.
+    Per row, d loss / d logits = (softmax(logits) - onehot(target)) / n, so d loss / d h = that @ W."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, rows: int):              # h (n, dim), weight (vocab, dim), targets (n,)
+        n = h.shape[0]
+        total = torch.zeros((), device=h.device)
+        dh = torch.empty_like(h)
+        for s in range(0, n, rows):
+            logits = F.linear(h[s:s + rows], weight).float()       # (rows, vocab), as model.output(h).float()
+            t = targets[s:s + rows]
+            lse = logits.logsumexp(-1)                            # (rows,)
+            total += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+            p = (logits - lse[:, None]).exp_()                     # softmax
+            p[torch.arange(len(t), device=t.device), t] -= 1.0
+            dh[s:s + rows] = (p / n).to(h.dtype) @ weight
+        ctx.save_for_backward(dh)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        (dh,) = ctx.saved_tensors
+        return dh * grad.to(dh.dtype), None, None, None
+
+
+def block_loss(model: nn.Module, context: list[int], block: list[int], lean: bool = True) -> torch.Tensor:
+    """Mean next-token cross-entropy over the block's tokens, given the context before it.
+
+    lean (the default): the same value through a backward that keeps less, each layer by
+    lean_backward.lean_block and the head by HeadLoss, rows at a time; the gradients equal the plain
+    form's up to the order of floating-point sums. lean=False: the model's forward under autograd as it
+    is, the form to read."""
     seq = torch.tensor([context + block], device=next(model.parameters()).device)  # (1, L_T + Δ)
     # every block token is a target; the first is predicted from the last context token, so with
     # no context at all (the text's first block) the first block token cannot be scored
     n_targets = len(block) if context else len(block) - 1
-    logits = model(seq[:, :-1], last=n_targets)                   # (1, n_targets, vocab)
     targets = seq[0, -n_targets:]                                  # (n_targets,)
-    return F.cross_entropy(logits[0].float(), targets)
+    head = model.output
+    if not (lean and type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad):
+        logits = model(seq[:, :-1], last=n_targets)               # (1, n_targets, vocab)
+        return F.cross_entropy(logits[0].float(), targets)
+    h = model.hidden_states(model.tok_embeddings(seq[:, :-1]), last=n_targets, layer_forward=lean_block)
+    rows = max(1, HEAD_ELEMENTS // head.weight.shape[0])
+    return HeadLoss.apply(h[0], head.weight, targets, rows)       # h (n_targets, dim)
 
 
 def train_block(model: nn.Module, optimizer: torch.optim.Optimizer, context: list[int], block: list[int],
@@ -49,6 +89,7 @@ def train_block(model: nn.Module, optimizer: torch.optim.Optimizer, context: lis
         for _ in range(epochs):
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model, context, block)
+            release_memory()  # the forward's temporaries, before the backward needs room
             if not torch.isfinite(loss):
                 losses.append(math.nan)
                 continue
@@ -63,4 +104,5 @@ def train_block(model: nn.Module, optimizer: torch.optim.Optimizer, context: lis
     finally:
         optimizer.zero_grad(set_to_none=True)
         model.eval()
+        release_memory()
     return losses

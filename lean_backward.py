@@ -1,0 +1,211 @@
+"""The adapter step's memory: one Transformer block, its forward as model.py computes it, its backward
+written out, so that it keeps a few tensors per layer instead of every intermediate.
+
+Autograd keeps whatever each operation needs for its own backward. For one block of a Llama under a
+LoRA adapter that is, per layer: the fp32 RMSNorm temporaries of two norms, the dropped-out input and
+the dropout mask of each of seven adapters, q k v and the attention output (twice: once as the kernel
+wrote it, once reshaped for wo), and the SwiGLU's gate, up, silu(gate) and product. Most of it can be
+rebuilt in the backward from much less, because the base weights are frozen: a frozen linear needs its
+input only for the gradient of its weight, which nobody wants. The backward here keeps
+
+    x   the block's input            (T, dim)      -> attention_norm(x) again: elementwise, cheap
+    h   after the attention residual (T, dim)      -> ffn_norm(h) again
+    g   the gate w1(.), u the up w3(.) (T, hidden) -> silu(g) and the product again: elementwise
+    q k v out, logsumexp                            what the attention kernel keeps for its own backward
+    one random-generator state per adapter, to draw its dropout mask again (the same mask)
+
+and nothing else, and it runs no matmul twice: about 11 (T, dim)-sized tensors per layer where autograd
+keeps about 27 (SmolLM2-135M at 4,096 tokens: 2.7 GB instead of 7.3 GB; bench/step_memory.py). The forward
+calls the block's own modules, so its values are the plain forward's bit for bit; the backward is the
+chain rule written out, so the gradients equal autograd's up to the order of floating-point sums
+(tests/test_lean_backward.py). The attention backward is autograd's own: the kernel runs on leaf tensors
+inside a small graph of its own, whose backward is called by hand. (Keeping less still, g and u computed
+again from h, costs two (T, dim) x (dim, hidden) matmuls per layer: not done here.)
+
+Used by train_block.block_loss for every block it can serve: model.py's Attention and FeedForward, each
+linear a plain nn.Linear or a LoRALinear, nothing trainable but the adapters. Anything else (a method's
+own attention, a trained norm) runs the block's own forward under autograd.
+"""
+import ctypes
+import ctypes.util
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora import LoRALinear
+from model import Attention, FeedForward, RMSNorm, TransformerBlock, apply_rope
+
+LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+           "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")  # the order the forward calls them
+
+
+# glibc keeps the pages of freed blocks resident; malloc_trim(0) hands them back to the system (None elsewhere)
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+
+
+def release_memory() -> None:
+    """Give freed host memory back to the system: the peak RSS of a step is then what it holds, not what
+    earlier phases left free in the heap (glibc only; the GPU's caching allocator is not touched)."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+def adapters(layer: TransformerBlock) -> list[LoRALinear]:
+    """The layer's adapters that train in this forward, in LINEARS order."""
+    return [m for m in (layer.get_submodule(p) for p in LINEARS) if isinstance(m, LoRALinear) and m.enabled]
+
+
+def can_serve(layer: nn.Module) -> bool:
+    """True when lean_block computes exactly what layer(x, cos, sin, 0) computes."""
+    if type(layer) is not TransformerBlock or type(layer.attention) is not Attention \
+            or type(layer.feed_forward) is not FeedForward \
+            or type(layer.attention_norm) is not RMSNorm or type(layer.ffn_norm) is not RMSNorm:
+        return False
+    if any(type(layer.get_submodule(p)) not in (nn.Linear, LoRALinear) for p in LINEARS):
+        return False
+    trainable = {id(p) for m in adapters(layer) for p in (m.lora_a, m.lora_b)}
+    return all(id(p) in trainable for p in layer.parameters() if p.requires_grad)
+
+
+def lean_block(layer: TransformerBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """layer(x, cos, sin, 0) for x (bs, T, dim), no KV cache: same value, the backward above.
+    Falls back to the layer's own forward where it cannot serve (can_serve)."""
+    if not (torch.is_grad_enabled() and can_serve(layer)):
+        return layer(x, cos, sin, 0)
+    params = [p for m in adapters(layer) for p in (m.lora_a, m.lora_b)]
+    return LeanBlock.apply(layer, x, cos, sin, *params)
+
+
+# ----------------------------------------------------------------------------- the adapters
+
+def generator_of(m: LoRALinear, device: torch.device) -> torch.Generator:
+    """The stream the adapter's dropout draws from: its own, else the device's default one."""
+    if m.generator is not None:
+        return m.generator
+    return torch.default_generator if device.type == "cpu" else torch.cuda.default_generators[device.index or 0]
+
+
+def draw_mask(m: LoRALinear, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """The dropout mask LoRALinear.forward drew for input x, drawn again from the saved generator state."""
+    g = torch.Generator(device=x.device)
+    g.set_state(state)
+    return torch.rand(x.shape, device=x.device, generator=g) >= m.dropout
+
+
+def dropout_of(m: LoRALinear) -> bool:
+    return m.training and m.dropout > 0
+
+
+def linear_forward(m: nn.Module, x: torch.Tensor, states: dict) -> torch.Tensor:
+    """m(x), noting the generator state its dropout mask is drawn from (states[id(m)])."""
+    if isinstance(m, LoRALinear) and m.enabled and dropout_of(m):
+        states[id(m)] = generator_of(m, x.device).get_state()
+    return m(x)
+
+
+def linear_backward(m: nn.Module, x: torch.Tensor, dy: torch.Tensor, states: dict, grads: dict) -> torch.Tensor:
+    """Gradient of m(x) w.r.t. x, given dy; the adapter's gradients go to grads[id(param)].
+
+        y = x W^T + (x ⊙ mask) (s A)^T B^T       s = alpha / rank / (1 - p), mask regenerated
+        dx = dy W + (dy B (s A)) ⊙ mask
+        dB = dy^T z,  z = (x ⊙ mask)(s A)^T      dA = s · (dy B)^T (x ⊙ mask)"""
+    base = m.base if isinstance(m, LoRALinear) else m
+    dx = dy @ base.weight.to(dy.dtype)                              # (bs, T, in): the frozen weight's part
+    if not (isinstance(m, LoRALinear) and m.enabled):
+        return dx
+    scale = m.scale
+    if dropout_of(m):
+        mask = draw_mask(m, x, states[id(m)])
+        x = x * mask
+        scale = scale / (1.0 - m.dropout)
+    a = (scale * m.lora_a).to(x.dtype)                             # (rank, in), as LoRALinear.forward
+    b = m.lora_b.to(x.dtype)                                       # (out, rank)
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])   # (bs*T, in), (bs*T, out)
+    dz = dy2 @ b                                                   # (bs*T, rank)
+    grads[id(m.lora_b)] = (dy2.T @ (x2 @ a.T)).float()            # (out, rank)
+    grads[id(m.lora_a)] = (dz.T @ x2).float() * scale             # (rank, in)
+    dx_lora = (dz @ a).view_as(dx)
+    return dx + (dx_lora * mask if dropout_of(m) else dx_lora)
+
+
+# ----------------------------------------------------------------------------- norms, SwiGLU, RoPE
+
+def rmsnorm_backward(norm: RMSNorm, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Gradient of norm(x) w.r.t. x: with n = x / rms(x) (fp32), dx = (dn - n · mean(dn · n)) / rms(x)."""
+    x32 = x.float()
+    r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.eps)  # (bs, T, 1)
+    n = x32 * r
+    dn = (dy * norm.weight).float()
+    return (r * (dn - n * (dn * n).mean(-1, keepdim=True))).type_as(x)
+
+
+def rope_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Gradient of apply_rope: y = x cos + rot(x) sin with rot(x) = [-x2, x1], so dx = dy cos + rot^T(dy sin),
+    rot^T(w) = [w2, -w1]."""
+    w = dy * sin.to(dy.dtype)
+    w1, w2 = w.chunk(2, dim=-1)
+    return dy * cos.to(dy.dtype) + torch.cat((w2, -w1), dim=-1)
+
+
+# ----------------------------------------------------------------------------- the block
+
+class LeanBlock(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, layer: TransformerBlock, x, cos, sin, *params):
+        attn, ff = layer.attention, layer.feed_forward
+        bsz, T, _ = x.shape
+        states = {}
+        # attention: the block's own modules, as Attention.forward without a cache
+        xn = layer.attention_norm(x)
+        q = linear_forward(attn.wq, xn, states).view(bsz, T, attn.n_heads, attn.head_dim).transpose(1, 2)
+        k = linear_forward(attn.wk, xn, states).view(bsz, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        v = linear_forward(attn.wv, xn, states).view(bsz, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)    # (bs, heads, T, head_dim)
+        # the kernel on leaves of a graph of its own: it keeps q, k, v, out and the logsumexp, no more
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        with torch.enable_grad():
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (bs, n_heads, T, d)
+        o2 = out.detach().transpose(1, 2).reshape(bsz, T, attn.n_heads * attn.head_dim)
+        h = x + linear_forward(attn.wo, o2, states)
+        # feed-forward: FeedForward.forward, its parts kept apart
+        hn = layer.ffn_norm(h)
+        g = linear_forward(ff.w1, hn, states)                      # (bs, T, hidden)
+        u = linear_forward(ff.w3, hn, states)
+        y = h + linear_forward(ff.w2, F.silu(g) * u, states)
+        ctx.layer, ctx.states, ctx.params = layer, states, params
+        ctx.attention = (q, k, v, out)
+        ctx.save_for_backward(x, cos, sin, h, g, u)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        layer, states = ctx.layer, ctx.states
+        attn, ff = layer.attention, layer.feed_forward
+        x, cos, sin, h, g, u = ctx.saved_tensors
+        q, k, v, out = ctx.attention
+        bsz, T, _ = x.shape
+        grads = {}
+        # feed-forward: y = h + w2(silu(g) * u), g = w1(hn), u = w3(hn), hn = ffn_norm(h)
+        hn = layer.ffn_norm(h)
+        sg = torch.sigmoid(g)
+        silu_g = F.silu(g)                                         # the forward's value, bit for bit
+        dp = linear_backward(ff.w2, silu_g * u, dy, states, grads)
+        dg = dp * u * (sg * (1 + g * (1 - sg)))                    # silu'(g) = σ(g) (1 + g (1 - σ(g)))
+        du = dp * silu_g
+        dhn = linear_backward(ff.w1, hn, dg, states, grads) + linear_backward(ff.w3, hn, du, states, grads)
+        dh = dy + rmsnorm_backward(layer.ffn_norm, h, dhn)
+        # attention: h = x + wo(attention(rope(wq(xn)), rope(wk(xn)), wv(xn))), xn = attention_norm(x)
+        o2 = out.detach().transpose(1, 2).reshape(bsz, T, attn.n_heads * attn.head_dim)
+        do2 = linear_backward(attn.wo, o2, dh, states, grads)
+        dout = do2.view(bsz, T, attn.n_heads, attn.head_dim).transpose(1, 2)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+        del ctx.attention, q, k, v, out                            # the kernel's tensors go as soon as used
+        dq, dk = rope_backward(dq, cos, sin), rope_backward(dk, cos, sin)
+        flat = lambda t: t.transpose(1, 2).reshape(bsz, T, -1)      # noqa: E731  (bs, heads, T, d) -> (bs, T, heads*d)
+        xn = layer.attention_norm(x)
+        dxn = (linear_backward(attn.wq, xn, flat(dq), states, grads) + linear_backward(attn.wk, xn, flat(dk), states, grads)
+               + linear_backward(attn.wv, xn, flat(dv), states, grads))
+        dx = dh + rmsnorm_backward(layer.attention_norm, x, dxn)
+        return (None, dx, None, None, *(grads.get(id(p)) for p in ctx.params))
+
