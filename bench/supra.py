@@ -1,6 +1,7 @@
-"""SUPRA on PG19: linearise the model, uptrain it two ways on the same tokens (SUPRA's recipe; LoLCATs' attention
-transfer then LoRA), score the held-out books with the recurrent state carried over the whole text (no window),
-and measure decode time and memory against text length: the RNN's state vs the base model's KV cache.
+"""SUPRA on PG19: linearise the model, uptrain it two ways on the same tokens (SUPRA's recipe; SUPRA's architecture
+trained LoLCATs-style: attention transfer then LoRA), score the held-out books with the recurrent state carried
+over the whole text (no window), and measure decode time and memory against text length: the RNN's state vs the
+base model's KV cache. (LoLCATs itself, its own architecture: bench/lolcats.py.)
 
     python -m bench.supra --quick --model TINY --books-dir D --book-ids 1 --train-books-dir T --out O   # seconds, CPU
     python -m bench.supra --device cuda --model DIR --books-dir DIR --train-books-dir DIR --out DIR     # ~7 min, H100
@@ -9,8 +10,10 @@ What it does, in order; every result is written atomically when done, and a reru
 or checkpoint made with other settings is an error, never mixed in):
   reference   the base model with a window of --base-window tokens (protocol.Window): supra-base-w<W>-<book>.json
   per variant (--variants):
-    train     linearise; run the recipe's phases on --train-tokens tokens of --train-books-dir; a checkpoint
-              (safetensors + config.json) every --save-every steps: <ckpt-dir>/<variant>/, supra-train-<variant>.json
+    train     linearise; start each GroupNorm at the softmax heads' output statistics on the first training batch
+              (--calibration softmax, the default; none: the official start, weight 1 and bias 0); run the
+              recipe's phases on --train-tokens tokens of --train-books-dir; a checkpoint (safetensors +
+              config.json) every --save-every steps: <ckpt-dir>/<variant>/, supra-train-<variant>.json
     eval      the checkpoint reloaded; every block scored with the state of all text before it:
               supra-<variant>-<book>.json
   decode      --new-tokens greedy tokens after prompts of --prompt-lengths tokens: ms per token and peak GPU memory,
@@ -23,6 +26,7 @@ decoding load bf16 weights on CUDA. The linear attention itself always runs in f
 import argparse
 import hashlib
 import json
+import math
 import shlex
 import sys
 import time
@@ -33,17 +37,20 @@ import torch
 
 from bench.common import EVAL_BOOKS, MODEL_DIR, RESULTS, TRAIN_BOOKS, model_label, require_books, require_model, stored
 from load_llama import load_model, load_tokenizer, read_json
-from methods.supra import (ADAM_EPS, LOLCATS_LORA, MAX_GRAD_NORM, RecurrentState, attention_transfer_loss, build,
-                           load_linearized, load_optimizer_state, load_tensors, lr_at, next_token_loss,
-                           phase_parameters, read_checkpoint_config, recipe, save_checkpoint, score_block)
+from methods.supra import (ADAM_EPS, LOLCATS_LORA, RecurrentState, attention_transfer_loss, build,
+                           calibrate_group_norm, load_linearized, load_optimizer_state, load_tensors, lr_at,
+                           next_token_loss, phase_parameters, read_checkpoint_config, recipe, save_checkpoint,
+                           score_block)
 from model import KVCache, generate
 from protocol import evaluate_blocks, perplexity, position_buckets, write_text_atomic
 from templora import TempLoRAConfig, evaluate
 from train_block import make_optimizer
 
 COMMAND = "python -m bench.supra " + shlex.join(sys.argv[1:])
-VARIANTS = ("supra", "lolcats")
-LABELS = {"supra": "SUPRA (all weights, next-token loss)", "lolcats": "LoLCATs (attention transfer, then LoRA)"}
+VARIANTS = ("supra", "supra-transfer")
+LABELS = {"supra": "SUPRA (all weights, next-token loss)",
+          "supra-transfer": "SUPRA arch., LoLCATs-style transfer, then LoRA"}
+CALIBRATIONS = ("softmax", "none")
 BUCKETS = position_buckets((0, 4096, 8192, 16384, 32768))
 # full: the replication's books and blocks; ~7 minutes on one H100 (docs/supra.md: the budget)
 SIZES = {
@@ -75,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help=f"smoke-test sizes {SIZES['quick']}")
     helps = {"tokens": "scored tokens per book (the text is cut to tokens + 1)", "delta": "Δ: tokens per block",
              "base_window": "W of the base model's reference row", "base_keep": "L_x of the reference row",
-             "train_tokens": "training tokens per variant (LoLCATs: half attention transfer, half LoRA)",
+             "train_tokens": "training tokens per variant (supra-transfer: half attention transfer, half LoRA)",
              "seq_len": "training sequence length", "batch": "sequences per optimizer step",
              "save_every": "checkpoint every N steps (and at the end of each phase)",
              "chunk": "C: chunk length of the chunked form", "train_minutes": "wall-clock cap per variant "
@@ -86,6 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in SIZES["full"].items():
         p.add_argument("--" + key.replace("_", "-"), type=type(value), default=None,
                        help=f"{helps[key]} (full {value}, quick {SIZES['quick'][key]})")
+    p.add_argument("--calibration", default="softmax", choices=CALIBRATIONS,
+                   help="the GroupNorm's start: the softmax heads' per-channel std and mean on the first training "
+                   "batch (softmax, a declared deviation from the official code), or weight 1, bias 0 (none)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0, help="order of the training sequences, LoRA init")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -166,7 +176,7 @@ def train_settings(a: argparse.Namespace, variant: str) -> dict:
     """What a checkpoint must have been made with to be resumed or used."""
     return {"recipe": variant, "base_model": str(Path(a.model).resolve()), "train_tokens": a.train_tokens,
             "seq_len": a.seq_len, "batch": a.batch, "chunk": a.chunk, "seed": a.seed,
-            "train_books_dir": str(Path(a.train_books_dir).resolve())}
+            "train_books_dir": str(Path(a.train_books_dir).resolve()), "calibration": a.calibration}
 
 
 def train(a: argparse.Namespace, variant: str, tok, device: torch.device) -> dict:
@@ -195,6 +205,12 @@ def train(a: argparse.Namespace, variant: str, tok, device: torch.device) -> dic
     model, teachers = build(a.model, device, torch.float32, a.chunk, lora, generator)  # float32 master weights
     if config is not None:
         load_tensors(model, folder / config["weights"])
+    elif a.calibration == "softmax":  # a fresh start: the GroupNorm begins on the softmax output's scale
+        stats = calibrate_group_norm(model, teachers, seqs[: a.batch].to(device))
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / "calibration.json", {"tokens": a.batch * a.seq_len, "layers": stats})
+        log(f"{variant}: GroupNorm calibrated on {a.batch} x {a.seq_len} tokens; softmax heads' mean square "
+            f"{min(s['heads_mean_square'] for s in stats):.2g}..{max(s['heads_mean_square'] for s in stats):.2g}")
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     total_tokens = sum(p.tokens for p in phases)
     trained_names: list[str] = []
@@ -220,14 +236,14 @@ def train(a: argparse.Namespace, variant: str, tok, device: torch.device) -> dic
             tic = time.perf_counter()
             lo = first_seq + step * a.batch
             batch = seqs[lo: lo + a.batch].to(device)
-            lr = lr_at(step, steps[index], phase.lr)
+            lr = lr_at(step, steps[index], phase.lr) if phase.schedule == "cosine" else phase.lr
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(**autocast):
                 loss = (next_token_loss(model, batch) if phase.loss == "next_token"
                         else attention_transfer_loss(model, teachers, batch))
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), MAX_GRAD_NORM)
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), phase.max_grad_norm or math.inf)
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                 raise ValueError(f"{variant}/{phase.name} step {step}: loss {loss.item()}, grad norm "
                                  f"{grad_norm.item()}: not finite, training stopped")
@@ -515,6 +531,8 @@ def run(a: argparse.Namespace) -> None:
                    {"variant": variant, "label": LABELS[variant], "settings": config["settings"],
                     "phases": config["phases"], "tokens_seen": config["tokens_seen"],
                     "train_books": config["train_books"],
+                    "calibration": (json.loads((Path(a.ckpt_dir) / variant / "calibration.json").read_text())
+                                    if (Path(a.ckpt_dir) / variant / "calibration.json").exists() else None),
                     "wall_s": sum(h["seconds"] for h in history), "history": history, "command": COMMAND})
         if "eval" not in a.skip:
             eval_variant(a, variant, config, books, device, dtype)

@@ -9,7 +9,8 @@ Symbols, for one layer and one head h of size d, as in the paper:
     φ(x) = ReLU(W_φ x + b)                          the feature map (trained): one d x d map for every head
                                                     and for queries and keys alike
     q̃_t = RoPE_t(φ(q_t)),  k̃_t = RoPE_t(φ(k_t)) / √d     RoPE after φ (so the features can be negative)
-    γ_h = exp(-slope_h)                             a fixed decay per head, with ALiBi's slopes
+    γ_h = exp(-slope_h)                             a fixed decay per head, with ALiBi's slopes: a key's weight
+                                                    falls by 1/e in 1/slope_h tokens (9 heads: 1.4, 2, 4, ..., 256)
     S_t = γ_h S_{t-1} + k̃_tᵀ v_t,  o_t = q̃_t S_t    the recurrent form: a d x d state per head
     O = ((Q̃ K̃ᵀ) ⊙ D) V,  D_ts = γ_h^(t-s) if s <= t else 0      the parallel form: the same outputs at once
     y_t = W_o GroupNorm(o_t)                        no softmax denominator: a norm over each head instead
@@ -30,15 +31,20 @@ Where the paper's code (TRI-ML/linear_open_lm, `LinearAttn`) leaves room, or whe
   W_φ starts as the identity and b as 0 (official: random), so q̃·k̃ starts from the pretrained q·k.
 - ALiBi's slopes for any number of heads: the official `get_slopes` crashes when it is not a power of two
   (its recursive call lacks an argument), and SmolLM2 has 9 heads.
-- GroupNorm with a per-channel scale and bias (official: none), starting at 1 and 0, i.e. as the official
-  norm: LoLCATs' attention transfer needs it to match the softmax output's scale.
+- GroupNorm with a per-channel scale and bias (official: none), and, a declared deviation, started from the
+  softmax heads' output statistics (`calibrate_group_norm`: per channel, weight = std and bias = mean of the
+  softmax attention's output before W_o on a calibration batch). The official norm has no scale: its output
+  has unit variance per head, while SmolLM2's softmax heads put out mean squares of 0.00075 (layer 0) to 0.71
+  (layer 29), so W_o must first absorb that mismatch before anything else is learned (docs/supra.md: the
+  calibration takes the first transfer loss from 14.72 to 6.01).
 - The attention arithmetic (from φ's output to the GroupNorm) runs in float32 with autocast off, whatever
   the model's dtype: the state sums thousands of terms.
 
-Beyond the paper, LoLCATs (Zhang et al. 2024, arXiv 2410.10254; HazyResearch/lolcats) trains the same model
-another way: first "attention transfer", where only φ and the GroupNorm train, so that each layer's linear
-attention output imitates the layer's softmax attention output (MSE) on the softmax model's own hidden
-states; then LoRA on W_q, W_k, W_v, W_o with the next-token loss. `recipe` holds both.
+Beyond the paper, `recipe("supra-transfer")` trains this same SUPRA architecture the way LoLCATs trains its
+own: first an attention transfer, where only φ and the GroupNorm train, so that each layer's linear attention
+output imitates the layer's softmax attention output (MSE) on the softmax model's own hidden states; then LoRA
+on W_q, W_k, W_v, W_o with the next-token loss. It is not LoLCATs, whose architecture differs (Hedgehog
+feature maps, a softmax window, a normaliser, no decay): that is methods/lolcats.py.
 """
 import json
 import math
@@ -270,24 +276,32 @@ class Phase:
     lr: float
     weight_decay: float
     betas: tuple[float, float]
+    schedule: str                   # "cosine" (lr_at: 10% warm-up, cosine to 10%) or "constant"
+    max_grad_norm: float | None     # gradient clipping; None: none
 
 
-# LoLCATs' LoRA (its configs: rank 8, alpha 16, no dropout, on q, k, v, o)
+# LoLCATs' LoRA (its configs: rank 8, alpha 16, no dropout, on q, k, v, o), for the supra-transfer recipe
 LOLCATS_LORA = dict(rank=8, alpha=16.0, dropout=0.0,
                     targets=("attention.wq", "attention.wk", "attention.wv", "attention.wo"))
-MAX_GRAD_NORM = 1.0  # the paper's clip (and the Hugging Face trainer's default that LoLCATs runs)
+# SUPRA's clip (linear_open_lm README: --grad-clip-norm 1). LoLCATs' trainer does not clip, and neither do
+# the supra-transfer recipe nor methods/lolcats.py.
+MAX_GRAD_NORM = 1.0
 ADAM_EPS = 1e-8
 
 
 def recipe(name: str, tokens: int) -> list[Phase]:
     """The training of each variant, on `tokens` tokens in all."""
-    if name == "supra":  # the paper: every parameter, next-token loss, AdamW lr 3e-4, weight decay 0.1, β2 0.98
-        return [Phase("uptrain", "next_token", "all", tokens, 3e-4, 0.1, (0.9, 0.98))]
-    if name == "lolcats":  # LoLCATs' settings: attention transfer at lr 1e-2, then LoRA at lr 1e-4; no decay
-        half = tokens // 2
-        return [Phase("transfer", "attention_transfer", "feature_map", half, 1e-2, 0.0, (0.9, 0.999)),
-                Phase("lora", "next_token", "lora", tokens - half, 1e-4, 0.0, (0.9, 0.999))]
-    raise ValueError(f"unknown recipe {name!r} (supra or lolcats)")
+    if name == "supra":
+        # the linear_open_lm README's linearisation command: every parameter, next-token loss, AdamW lr 3e-4,
+        # weight decay 0.1, β2 0.98 (the Mistral-SUPRA model card's 3e-5 with 1000 warm-up steps is a 7B model
+        # at 100B tokens; a run of a few hundred steps would never leave that warm-up)
+        return [Phase("uptrain", "next_token", "all", tokens, 3e-4, 0.1, (0.9, 0.98), "cosine", MAX_GRAD_NORM)]
+    if name == "supra-transfer":  # SUPRA's architecture, LoLCATs' steps: transfer at 1e-2, LoRA at 1e-4, both
+        half = tokens // 2        # at a constant lr and unclipped, as LoLCATs' trainer
+        return [Phase("transfer", "attention_transfer", "feature_map", half, 1e-2, 0.0, (0.9, 0.999), "constant",
+                      None),
+                Phase("lora", "next_token", "lora", tokens - half, 1e-4, 0.0, (0.9, 0.999), "constant", None)]
+    raise ValueError(f"unknown recipe {name!r} (supra or supra-transfer)")
 
 
 def phase_parameters(model: Transformer, phase: Phase) -> dict[str, nn.Parameter]:
@@ -340,6 +354,42 @@ def attention_transfer_loss(model: Transformer, teachers: list[Attention], seqs:
             h = h + target
             h = h + layer.feed_forward(layer.ffn_norm(h))
     return loss / len(teachers)
+
+
+def softmax_head_outputs(attention: Attention, x: torch.Tensor, cos, sin) -> torch.Tensor:
+    """A softmax attention layer's output before W_o, (bs, T, n_heads * d): what the GroupNorm's output stands
+    in for."""
+    bsz, seqlen, _ = x.shape
+    q = attention.wq(x).view(bsz, seqlen, attention.n_heads, attention.head_dim).transpose(1, 2)
+    k = attention.wk(x).view(bsz, seqlen, attention.n_kv_heads, attention.head_dim).transpose(1, 2)
+    v = attention.wv(x).view(bsz, seqlen, attention.n_kv_heads, attention.head_dim).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)     # (bs, n_heads, T, d)
+    return out.transpose(1, 2).reshape(bsz, seqlen, -1)
+
+
+@torch.no_grad()
+def calibrate_group_norm(model: Transformer, teachers: list[Attention], seqs: torch.Tensor) -> list[dict]:
+    """Start every layer's GroupNorm at the softmax heads' output statistics on `seqs` (bs, T + 1): per channel,
+    weight = std and bias = mean over the batch's tokens, so the linear attention's output starts on the scale
+    of the output it replaces (a declared deviation from the official code, whose norm has no scale). Runs the
+    softmax model, as the attention transfer does. Returns, per layer, the heads' output mean square and the
+    smallest and largest channel std."""
+    tokens = seqs[:, :-1]
+    cos, sin = rope_cos_sin(model.args, 0, tokens.shape[1], tokens.device)
+    h = model.tok_embeddings(tokens)                                                  # (bs, T, dim)
+    stats = []
+    for layer, teacher in zip(model.layers, teachers):
+        x = layer.attention_norm(h)
+        heads = softmax_head_outputs(teacher, x, cos, sin).flatten(0, 1).float()      # (bs * T, n_heads * d)
+        gn = layer.attention.group_norm
+        gn.weight.copy_(heads.std(0))
+        gn.bias.copy_(heads.mean(0))
+        stats.append({"heads_mean_square": heads.pow(2).mean().item(), "std_min": heads.std(0).min().item(),
+                      "std_max": heads.std(0).max().item()})
+        h = h + teacher.wo(heads.view(*x.shape[:2], -1).to(x.dtype))
+        h = h + layer.feed_forward(layer.ffn_norm(h))
+    return stats
 
 
 # ----------------------------------------------------------------------------- checkpoints: safetensors + config.json

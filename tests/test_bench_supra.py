@@ -32,12 +32,12 @@ def test_quick_run_writes_protocol_results_for_every_model_and_decode_measuremen
     base_files = _file_hashes(ckpt)
     out = dirs / "out"
     assert bench_supra.main(_args(ckpt, dirs, out)) == 0
-    for run, scorer in [("base-w128", "base"), ("supra", "supra"), ("lolcats", "lolcats")]:
+    for run, scorer in [("base-w128", "base"), ("supra", "supra"), ("supra-transfer", "supra-transfer")]:
         r = json.loads((out / f"supra-{run}-1.json").read_text())
         assert r["scored_tokens"] == 192 and math.isfinite(r[f"ppl_{scorer}"])
         assert {"book", "config", "command", "dtype", "device", "model", "timings"} <= set(r)
         assert r["chunks"][0]["start"] == 1 and all(f"nll_{scorer}" in c for c in r["chunks"])
-    for variant in ("supra", "lolcats"):
+    for variant in ("supra", "supra-transfer"):
         train = json.loads((out / f"supra-train-{variant}.json").read_text())
         assert train["tokens_seen"] == 1024 and all(math.isfinite(h["loss"]) for h in train["history"])
     assert json.loads((out / "supra-supra-1.json").read_text())["config"]["window"] is None
@@ -81,3 +81,19 @@ def test_an_interrupted_uptraining_resumes_to_the_weights_of_an_uninterrupted_on
     assert whole.keys() == resumed.keys() and all((whole[k] == resumed[k]).all() for k in whole)
     # other settings on the same checkpoint: refused, not mixed in
     assert bench_supra.main(_args(ckpt, dirs, dirs / "resumed", *only_train, "--chunk", "1")) == 2
+
+
+def test_the_calibrated_group_norm_starts_the_transfer_at_a_lower_loss_than_the_official_start(ckpt, dirs):
+    only_train = ["--variants", "supra-transfer", "--skip", "reference,eval,decode"]
+    first = {}
+    for calibration in ("softmax", "none"):
+        out = dirs / calibration
+        assert bench_supra.main(_args(ckpt, dirs, out, *only_train, "--calibration", calibration)) == 0
+        train = json.loads((out / "supra-train-supra-transfer.json").read_text())
+        assert train["settings"]["calibration"] == calibration
+        first[calibration] = train["history"][0]["loss"]
+        # no clipping and a constant lr, as LoLCATs' trainer (only SUPRA's own recipe clips and decays)
+        assert {h["lr"] for h in train["history"] if h["phase"] == "transfer"} == {1e-2}
+    assert first["softmax"] < first["none"]
+    # a checkpoint made with one calibration is not resumed with the other
+    assert bench_supra.main(_args(ckpt, dirs, dirs / "none", *only_train, "--calibration", "softmax")) == 2

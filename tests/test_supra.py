@@ -1,8 +1,11 @@
 """methods/supra.py: the three forms of SUPRA's linear attention agree, its decay is ALiBi's for any head
 count, the state replaces the KV cache (generation, the protocol), and the training recipes and checkpoints
-do what they say."""
+do what they say: the GroupNorm starts on the softmax output's scale, and the attention transfer and the
+uptraining lower the held-out next-token loss."""
+import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ from lora import add_lora, remove_lora
 from methods import supra
 from methods.supra import (LinearAttention, RecurrentState, alibi_slopes, chunked, linearize, parallel, recurrent,
                            score_block)
-from model import generate
+from model import apply_rope, generate, rope_cos_sin
 from protocol import evaluate_blocks
 
 NINE_HEADS = dict(n_heads=9, n_kv_heads=9, head_dim=8, dim=48)
@@ -149,7 +152,7 @@ def test_linearize_reuses_the_pretrained_linears_and_lora_still_wraps_them():
 def test_attention_transfer_trains_only_the_feature_map_and_norm_and_lowers_the_mse():
     model = tiny_model(**NINE_HEADS_GQA)
     teachers = linearize(model, chunk=8)
-    phase = supra.recipe("lolcats", 1000)[0]
+    phase = supra.recipe("supra-transfer", 1000)[0]
     params = supra.phase_parameters(model, phase)
     assert set(params) == {f"layers.{i}.attention.{m}.{w}" for i in range(2) for m in ("phi", "group_norm")
                                  for w in ("weight", "bias")}
@@ -202,3 +205,74 @@ def test_a_saved_linearised_model_reloads_with_the_same_logits_from_safetensors_
     supra.load_optimizer_state(fresh, names, tmp_path / config["optimizer"])
     for p, q in zip(optimizer.param_groups[0]["params"], fresh.param_groups[0]["params"]):
         torch.testing.assert_close(fresh.state[q]["exp_avg_sq"], optimizer.state[p]["exp_avg_sq"])
+
+
+def test_calibrated_group_norm_takes_the_softmax_heads_output_std_and_mean_and_lowers_the_starting_mse():
+    model = tiny_model(**NINE_HEADS_GQA)
+    teachers = linearize(model, chunk=8)
+    seqs = torch.randint(0, 300, (2, 33), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        before = supra.attention_transfer_loss(model, teachers, seqs).item()
+        supra.calibrate_group_norm(model, teachers, seqs)
+        after = supra.attention_transfer_loss(model, teachers, seqs).item()
+        # layer 0 reads the embeddings, so its softmax heads' output is known without the calibration's loop
+        x = model.layers[0].attention_norm(model.tok_embeddings(seqs[:, :-1]))
+        cos, sin = rope_cos_sin(model.args, 0, 32, "cpu")
+        q = teachers[0].wq(x).view(2, 32, 9, 8).transpose(1, 2)
+        k = teachers[0].wk(x).view(2, 32, 3, 8).transpose(1, 2).repeat_interleave(3, dim=1)
+        v = teachers[0].wv(x).view(2, 32, 3, 8).transpose(1, 2).repeat_interleave(3, dim=1)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        heads = torch.softmax((q @ k.transpose(-1, -2)) / 8 ** 0.5 + torch.full((32, 32), -math.inf).triu(1), -1) @ v
+        heads = heads.transpose(1, 2).reshape(64, 72)                                   # (tokens, n_heads * d)
+    gn = model.layers[0].attention.group_norm
+    torch.testing.assert_close(gn.weight, heads.std(0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gn.bias, heads.mean(0), atol=1e-5, rtol=1e-4)
+    assert after < 0.5 * before
+
+
+def _pretrained_tiny(seed=0):
+    """A tiny model trained for a few seconds on the bytes of data/harvester.txt, so that attention matters;
+    the last 4K bytes are held out."""
+    ids = torch.tensor(list((Path(__file__).parent.parent / "data" / "harvester.txt").read_bytes()))
+    train, held = ids[:-4096], ids[-4096:][: 31 * 129].view(31, 129)
+    model = tiny_model(seed, hidden_dim=96, **NINE_HEADS_GQA).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(120):
+        starts = torch.randint(0, len(train) - 129, (8,), generator=g)
+        supra.next_token_loss(model, torch.stack([train[s:s + 129] for s in starts])).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval().requires_grad_(False), train, held
+
+
+def _train(model, teachers, phase, train, steps, lr, seed):
+    params = list(supra.phase_parameters(model, phase).values())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        batch = torch.stack([train[s:s + 129] for s in torch.randint(0, len(train) - 129, (4,), generator=g)])
+        loss = (supra.attention_transfer_loss(model, teachers, batch) if phase.loss == "attention_transfer"
+                else supra.next_token_loss(model, batch))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.requires_grad_(False)
+
+
+@pytest.mark.parametrize("calibrated", [False, True], ids=["official_start", "calibrated"])
+def test_attention_transfer_then_uptraining_lower_the_held_out_next_token_loss(calibrated):
+    pretrained, train, held = _pretrained_tiny()
+    model = copy.deepcopy(pretrained)
+    teachers = linearize(model, chunk=16)
+    if calibrated:
+        supra.calibrate_group_norm(model, teachers, train[:4 * 129].view(4, 129))
+    held_loss = lambda: supra.next_token_loss(model, held).item()  # noqa: E731
+    losses = [held_loss()]
+    _train(model, teachers, supra.recipe("supra-transfer", 2)[0], train, 30, 1e-2, seed=1)  # φ and the norm
+    losses.append(held_loss())
+    _train(model, teachers, supra.recipe("supra", 2)[0], train, 30, 1e-3, seed=2)           # every weight
+    losses.append(held_loss())
+    assert losses[1] < losses[0] and losses[2] < losses[1], losses
