@@ -9,9 +9,12 @@ error, never mixed in), every result written atomically as soon as it is complet
 
 1. train    for each --train-variants truncation (recent, reservoir, full): --train-texts texts of
             --train-segments segments of --segment tokens from --train-books-dir (the first window of every book,
-            then the second, ...), one AdamW step per text. Writes train-<variant>/uio.safetensors (e and both
-            LoRAs) and uio.json (settings, losses, tokens seen); while it trains, checkpoint.safetensors
-            (+ AdamW moments) every --save-every steps, from which an interrupted run resumes.
+            then the second, ...), one AdamW step per text, every truncation the same --train-texts steps (the
+            lr schedule ends at 0 on the last of them; no time guard cuts a run short). The training texts are
+            at least as long as the scored text (--tokens), so the memory is never read after more memories than
+            it trained with. Writes train-<variant>/uio.safetensors (e and both LoRAs) and uio.json (settings,
+            losses, tokens seen); while it trains, checkpoint.safetensors (+ AdamW moments) every --save-every
+            steps, from which an interrupted run resumes.
 2. eval     every --book-ids book of --books-dir, the first --tokens scored tokens, blocks of Δ = --segment
             (protocol.evaluate_blocks): base-w<W> (the base model, sliding window W: the reference, same run),
             nomemory (each segment alone), untrained (fresh adapters and e), and each trained variant.
@@ -19,7 +22,10 @@ error, never mixed in), every result written atomically as soon as it is complet
 3. scaling  peak memory and time against text length: the first N tokens of the first book for N in
             --scaling-tokens (base-w<W> and UIO), and one training text of n segments for n in
             --scaling-segments (each truncation; gradient only). torch.cuda.max_memory_allocated on CUDA
-            (None on a CPU). Writes uio-scaling.json.
+            (None on a CPU). Writes uio-scaling.json. Empty --scaling-tokens and --scaling-segments skip it.
+
+The form of the memory (methods/uio.py): by default a BOS key/value at position 0 ahead of the memories (the
+attention sink) and no layer-0 memory; --no-sink and --layer0-memory give the paper's form, flag by flag.
 """
 import argparse
 import json
@@ -46,11 +52,10 @@ from train_block import make_optimizer
 COMMAND = "python -m bench.uio " + shlex.join(sys.argv[1:])
 BOOK_IDS = "349,718,1684,2021"  # the replication's held-out books
 SIZES = {  # full: the H100 run (about 7 minutes with SmolLM2-135M); quick: a tiny checkpoint on a CPU
-    "full": dict(segment=1024, memories=32, rank=32, alpha=128.0, train_texts=64, train_segments=8, save_every=16,
-                 tokens=32768, base_window=2048, scaling_tokens="8192,32768,131072", scaling_segments="2,4,8,16",
-                 max_train_s=100.0),
+    "full": dict(segment=1024, memories=32, rank=32, alpha=128.0, train_texts=200, train_segments=32, save_every=16,
+                 tokens=32768, base_window=2048, scaling_tokens="8192,32768,131072", scaling_segments="2,4,8,16"),
     "quick": dict(segment=32, memories=4, rank=4, alpha=16.0, train_texts=2, train_segments=4, save_every=1,
-                  tokens=128, base_window=64, scaling_tokens="64,128", scaling_segments="2,3", max_train_s=60.0),
+                  tokens=128, base_window=64, scaling_tokens="64,128", scaling_segments="2,3"),
 }
 
 
@@ -76,12 +81,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
     p.add_argument("--save-every", type=int, help="steps between training checkpoints")
-    p.add_argument("--max-train-s", type=float, help="a variant's training stops after the text that passes this "
-                   f"many seconds (a guard on the time budget; full {full['max_train_s']:g})")
     p.add_argument("--tokens", type=int, help=f"scored tokens per book (full {full['tokens']})")
     p.add_argument("--base-window", type=int, help=f"W of the base model's sliding window (full {full['base_window']})")
     p.add_argument("--scaling-tokens", help=f"text lengths of the scaling runs (full {full['scaling_tokens']})")
     p.add_argument("--scaling-segments", help=f"training text lengths in segments (full {full['scaling_segments']})")
+    p.add_argument("--no-sink", action="store_true", help="no BOS key/value ahead of the memories (the paper's)")
+    p.add_argument("--layer0-memory", action="store_true", help="keep the layer-0 memory RMSNorm(e) (the paper's)")
+    p.add_argument("--no-references", action="store_true", help="score only the memory variants (untrained, trained), "
+                   "not base-w<W> and nomemory, which are the same in every form of the memory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), help="bfloat16 on cuda, float32 on a CPU (default)")
@@ -94,8 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     try:
         a.betas = tuple(float(b) for b in a.betas.split(","))
-        a.scaling_tokens = [int(n) for n in a.scaling_tokens.split(",")]
-        a.scaling_segments = [int(n) for n in a.scaling_segments.split(",")]
+        a.scaling_tokens = [int(n) for n in a.scaling_tokens.split(",") if n]
+        a.scaling_segments = [int(n) for n in a.scaling_segments.split(",") if n]
     except ValueError:
         p.error("--betas, --scaling-tokens and --scaling-segments are comma-separated numbers")
     a.train_variants = [v for v in a.train_variants.split(",") if v]
@@ -110,6 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--lr and --clip must be positive")
     if a.tokens % a.segment:
         p.error(f"--tokens ({a.tokens}) must be a multiple of --segment ({a.segment}): blocks = segments")
+    if a.train_variants and a.tokens > a.train_segments * a.segment:
+        p.error(f"--tokens ({a.tokens}) is longer than the training texts (--train-segments {a.train_segments} x "
+                f"--segment {a.segment}): the memory would be read after more memories than it trained with")
     if not a.segment < a.base_window:
         p.error(f"--base-window ({a.base_window}) must be larger than --segment ({a.segment})")
     return a
@@ -117,7 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def uio_config(a: argparse.Namespace, bptt: str = "reservoir") -> UIOConfig:
     return UIOConfig(segment=a.segment, memories=a.memories, rank=a.rank, alpha=a.alpha, bptt=bptt,
-                     keep=a.reservoir, memory_init=a.memory_init, seed=a.seed)
+                     keep=a.reservoir, memory_init=a.memory_init, seed=a.seed, sink=not a.no_sink,
+                     layer0_memory=a.layer0_memory, bos=a.bos)
 
 
 def log(line: str) -> None:
@@ -186,9 +197,9 @@ def training_texts(a: argparse.Namespace, tok, count: int, length: int) -> list[
 def train_settings(a: argparse.Namespace, variant: str) -> dict:
     return {"uio": asdict(uio_config(a, variant)), "texts": a.train_texts, "segments": a.train_segments,
             "lr": a.lr, "betas": list(a.betas), "weight_decay": a.weight_decay, "clip": a.clip,
-            "schedule": "linear warm-up over 1% of the steps from lr/steps, then cosine to 0",
+            "schedule": "linear warm-up over 1% of the steps from lr/steps, then cosine to 0 at the last step",
             "train_books_dir": str(Path(a.train_books_dir).resolve()), "model": str(Path(a.model).resolve()),
-            "dtype": a.dtype, "max_train_s": a.max_train_s}
+            "dtype": a.dtype}
 
 
 def lr_at(step: int, steps: int, lr: float) -> float:
@@ -240,12 +251,12 @@ def train_variant(a: argparse.Namespace, model, texts: list[tuple[str, list[int]
     uio = UIO(model, uio_config(a, variant))
     try:
         optimizer = make_optimizer(uio.parameters(), a.lr, a.weight_decay, a.betas, eps=1e-8)
-        state = {"steps": 0, "losses": [], "grad_norms": [], "seconds": 0.0, "stopped_by_time": False}
+        state = {"steps": 0, "losses": [], "grad_norms": [], "seconds": 0.0}
         ckpt = folder / "checkpoint.safetensors"
         if ckpt.exists():
             state = load_checkpoint(ckpt, uio, optimizer, settings)
             log(f"train {variant}: resuming at step {state['steps']} from {ckpt}")
-        while state["steps"] < a.train_texts and not state["stopped_by_time"]:
+        while state["steps"] < a.train_texts:
             step = state["steps"]
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, a.train_texts, a.lr)
@@ -256,11 +267,10 @@ def train_variant(a: argparse.Namespace, model, texts: list[tuple[str, list[int]
             state["steps"] += 1
             state["losses"].append(loss)
             state["grad_norms"].append(norm)
-            state["stopped_by_time"] = state["seconds"] > a.max_train_s and state["steps"] < a.train_texts
             if step % 8 == 0 or state["steps"] == a.train_texts:
                 log(f"train {variant}: step {state['steps']}/{a.train_texts} text {texts[step][0]} loss {loss:.4f} "
                     f"grad norm {norm:.3f} lr {lr_at(step, a.train_texts, a.lr):.2e} {state['seconds']:.0f} s")
-            if state["steps"] % a.save_every == 0 or state["steps"] == a.train_texts or state["stopped_by_time"]:
+            if state["steps"] % a.save_every == 0 or state["steps"] == a.train_texts:
                 save_checkpoint(ckpt, uio, optimizer, settings, state)
         tensors = {name: t.detach().contiguous() for name, t in uio.tensors().items()}
         save_file(tensors, folder / "uio.tmp")
@@ -269,7 +279,7 @@ def train_variant(a: argparse.Namespace, model, texts: list[tuple[str, list[int]
         summary = {"settings": settings, "steps": steps, "texts": [name for name, _ in texts[:steps]],
                    "tokens_seen": steps * a.train_segments * a.segment, "losses": state["losses"],
                    "grad_norms": state["grad_norms"], "train_s": state["seconds"],
-                   "stopped_by_time": state["stopped_by_time"], "device": a.device, "command": COMMAND,
+                   "lr_last": lr_at(steps - 1, a.train_texts, a.lr), "device": a.device, "command": COMMAND,
                    "parameters": sum(t.numel() for t in tensors.values()), "adapters": str(folder / "uio.safetensors")}
         write_json(folder / "uio.json", summary)
         ckpt.unlink()  # finished: uio.json marks it done, and the AdamW moments are twice the adapters' size
@@ -401,14 +411,17 @@ def run(a: argparse.Namespace) -> None:
         torch.set_num_threads(a.threads)
     model, tok = load_llama(a.model, a.device, DTYPES[a.dtype])
     # e starts from BOS's embedding: of the starts tried on SmolLM2 (the mean embedding, token 2, BOS, zeros;
-    # untrained, book 349, 8 blocks of 256 tokens, M = 16) the memory hurt least from BOS: perplexity 50 without
-    # memory, then 194, 124, 86, 98
-    a.memory_init = tok.bos_id
+    # untrained, book 349, 8 blocks of 256 tokens, M = 16, the paper's form) the memory hurt least from BOS:
+    # perplexity 50 without memory, then 194, 124, 86, 98. BOS is also the sink's token.
+    a.memory_init = a.bos = tok.bos_id
+    if a.bos is None and not a.no_sink:
+        raise ValueError(f"{a.model}: the tokenizer has no BOS token for the sink; pass --no-sink")
     label = model_label(a.model)
-    log(f"{label}: {a.dtype} on {a.device}; UIO L={a.segment} M={a.memories} r={a.rank} α={a.alpha:g} k={a.reservoir}")
+    log(f"{label}: {a.dtype} on {a.device}; UIO L={a.segment} M={a.memories} r={a.rank} α={a.alpha:g} k={a.reservoir}"
+        f" sink {'off' if a.no_sink else 'on'}, layer-0 memory {'on' if a.layer0_memory else 'off'}")
     # every check before the first minute of compute, not after it
-    check_sizes(uio_config(a), model.args.max_seq_len, max(a.train_segments, *a.scaling_segments,
-                                                           math.ceil(max(a.tokens, *a.scaling_tokens) / a.segment)))
+    check_sizes(uio_config(a), model.args.max_seq_len, max([a.train_segments, *a.scaling_segments,
+                                                           math.ceil(max([a.tokens, *a.scaling_tokens]) / a.segment)]))
     if a.base_window > model.args.max_seq_len:
         raise ValueError(f"--base-window ({a.base_window}) exceeds the model's max_position_embeddings "
                          f"({model.args.max_seq_len})")
@@ -417,21 +430,23 @@ def run(a: argparse.Namespace) -> None:
         path = Path(a.books_dir) / f"{book}.txt"
         if not path.exists():
             raise ValueError(f"--books-dir {a.books_dir}: no {book}.txt (--book-ids)")
-        need = 1 + (max(a.tokens, *a.scaling_tokens) if book == a.book_ids[0] else a.tokens)
+        need = 1 + (max([a.tokens, *a.scaling_tokens]) if book == a.book_ids[0] else a.tokens)
         books[book] = first_tokens(path, tok, need)
         if len(books[book]) < need:
             raise ValueError(f"book {book} has {len(books[book])} tokens, fewer than the {need} needed "
                              "(--tokens + 1, and for the first book the longest --scaling-tokens + 1)")
     length = a.train_segments * a.segment + 1
-    texts = training_texts(a, tok, a.train_texts, length)
-    scaling_text = training_texts(a, tok, 1, max(a.scaling_segments) * a.segment + 1)[0][1]
-    log(f"{len(texts)} training texts of {length} tokens ({len(texts) * (length - 1)} target tokens per variant)")
+    texts = training_texts(a, tok, a.train_texts, length) if a.train_variants else []
+    scaling_text = (training_texts(a, tok, 1, max(a.scaling_segments) * a.segment + 1)[0][1]
+                    if a.scaling_segments else [])
+    if texts:
+        log(f"{len(texts)} training texts of {length} tokens ({len(texts) * (length - 1)} target tokens per variant)")
 
     # 1. train
     trained = {variant: train_variant(a, model, texts, variant) for variant in a.train_variants}
 
     # 2. eval
-    variants = [f"base-w{a.base_window}", "nomemory", "untrained", *a.train_variants]
+    variants = [*([] if a.no_references else [f"base-w{a.base_window}", "nomemory"]), "untrained", *a.train_variants]
     results = {}
     for variant in variants:
         results[variant] = []
@@ -448,13 +463,13 @@ def run(a: argparse.Namespace) -> None:
                 log(f"{variant} {book}: {scorer} {r[scorer]:.3f}, {r['timings']['total_s']:.1f} s -> {path}")
             results[variant].append(r)
 
-    # 3. scaling
+    # 3. scaling (empty --scaling-tokens and --scaling-segments: skipped)
     path = out / "uio-scaling.json"
     settings = {"scaling_tokens": a.scaling_tokens, "scaling_segments": a.scaling_segments, "book": a.book_ids[0],
                 "config": asdict(uio_config(a)) | {"base_window": a.base_window, "training": {
                     v: t["settings"] for v, t in trained.items()}},
                 "model": str(Path(a.model).resolve()), "dtype": a.dtype, "device": a.device}
-    if stored(path, settings) is None:
+    if (a.scaling_tokens or a.scaling_segments) and stored(path, settings) is None:
         write_json(path, settings | scaling(a, model, books[a.book_ids[0]], scaling_text, trained)
                    | {"command": COMMAND, "model_label": label})
     table = summary_table(results)
@@ -466,7 +481,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     require_model(a.model)  # before the model is loaded or anything written
     require_books(a.books_dir, "--books-dir", a.book_ids)
-    if a.train_variants:
+    if a.train_variants or a.scaling_segments:
         require_books(a.train_books_dir, "--train-books-dir", ())
     try:
         run(a)

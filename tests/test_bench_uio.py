@@ -1,6 +1,6 @@
 """bench/uio.py end to end on a tiny checkpoint (--quick): it trains, scores in the protocol's shape, measures,
-resumes, and refuses to train on the evaluation books. (The figures come from the GPU run; only the plumbing
-is checked here.)"""
+resumes, refuses to train on the evaluation books or to score past the training length, and passes the two
+memory-form flags to the scorer. (The figures come from the real runs; only the plumbing is checked here.)"""
 import json
 import math
 
@@ -44,16 +44,19 @@ def test_uio_bench_trains_scores_by_the_protocol_and_measures(ckpt, dirs, tmp_pa
         assert {"timings", "config", "command", "dtype", "device", "model", "flops"} <= set(r)
         assert r["timings"]["total_s"] > 0 and all(v > 0 for v in r["flops"].values() if v)
         ppl[variant] = r[f"ppl_{scorer}"]
-        if variant not in ("base-w64", "nomemory"):
-            assert [c["memory_positions"] for c in r["chunks"]] == [0, 4, 8, 12]
+        if variant not in ("base-w64", "nomemory"):  # the sink at position 0, then 4 memory tokens a segment
+            assert [c["memory_positions"] for c in r["chunks"]] == [0, 5, 9, 13]
     assert len(set(ppl.values())) >= 4  # no memory, untrained memory and trained memory score differently
     for variant in ("recent", "reservoir", "full"):
         summary = json.loads((out / f"train-{variant}" / "uio.json").read_text())
-        assert summary["steps"] == 2 and summary["tokens_seen"] == 2 * 4 * 32
+        assert summary["steps"] == 2 and summary["tokens_seen"] == 2 * 4 * 32  # every truncation: the same steps
         assert summary["texts"] == ["t1:0", "t2:0"] and all(math.isfinite(x) for x in summary["losses"])
         tensors = load_file(out / f"train-{variant}" / "uio.safetensors")
         assert tensors["memory"].shape == (4, 64) and tensors["memory"].dtype == torch.float32
         assert "layers.0.attention.wq.encoder.lora_a" in tensors and "layers.1.attention.wq.encoder.lora_a" not in tensors
+        # no layer-0 memory (the default): layer 0 has no decoder LoRA, layer 1 has
+        assert "layers.0.attention.wk.decoder.lora_a" not in tensors
+        assert "layers.1.attention.wk.decoder.lora_a" in tensors
     scaling = json.loads((out / "uio-scaling.json").read_text())
     assert [(e["variant"], e["tokens"]) for e in scaling["eval"]] == [
         ("base-w64", 64), ("reservoir", 64), ("base-w64", 128), ("reservoir", 128)]
@@ -94,3 +97,29 @@ def test_uio_bench_refuses_to_train_on_the_evaluation_books(ckpt, dirs, tmp_path
     books, _ = dirs
     assert bench_uio.main(args(ckpt, books, books, tmp_path / "out")) == 2
     assert "never train on them" in capsys.readouterr().err
+
+
+def test_uio_bench_refuses_to_score_more_tokens_than_it_trains_on(ckpt, dirs, tmp_path, capsys):
+    books, train = dirs
+    with pytest.raises(SystemExit) as exit_:  # 160 scored tokens = 5 segments; training texts hold 4
+        bench_uio.main(args(ckpt, books, train, tmp_path / "out", "--tokens", "160"))
+    assert exit_.value.code == 2 and "--tokens (160) is longer than the training texts" in capsys.readouterr().err
+
+
+def test_the_memory_form_flags_reach_the_scorer_and_the_result_files(ckpt, dirs, tmp_path):
+    books, train = dirs
+    untrained = ("--train-variants", "", "--scaling-tokens", "", "--scaling-segments", "")  # no training, no scaling
+    scored = {}
+    for form, flags in {"default": (), "paper": ("--no-sink", "--layer0-memory", "--no-references")}.items():
+        out = tmp_path / form
+        assert bench_uio.main(args(ckpt, books, train, out, *untrained, *flags)) == 0
+        assert not (out / "uio-scaling.json").exists() and not list(out.glob("train-*"))
+        scored[form] = json.loads((out / "uio-untrained-349.json").read_text())
+    assert (tmp_path / "default" / "uio-nomemory-349.json").exists()
+    assert not list((tmp_path / "paper").glob("uio-nomemory-*")) and not list((tmp_path / "paper").glob("uio-base-*"))
+    default, paper = scored["default"], scored["paper"]
+    assert (default["config"]["sink"], default["config"]["layer0_memory"]) == (True, False)
+    assert (paper["config"]["sink"], paper["config"]["layer0_memory"]) == (False, True)
+    assert [c["memory_positions"] for c in paper["chunks"]] == [0, 4, 8, 12]
+    assert [c["memory_positions"] for c in default["chunks"]] == [0, 5, 9, 13]
+    assert default["ppl_uio"] != paper["ppl_uio"]

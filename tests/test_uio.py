@@ -1,7 +1,9 @@
 """methods/uio.py (UIO-LLMs) as specifications: the encoder's memory and the decoder's memory prefix against
 transformers (GQA, head_dim 12, contiguous positions), the fast scoring form against the reading form, and
 the training estimators: full BPTT by incremental backward equals one graph's gradient, the reservoir's
-reweighted estimate is unbiased, the recent-only one is not."""
+reweighted estimate is unbiased, the recent-only one is not. Each equality holds for the four forms of the
+two flags (the attention sink, the layer-0 memory): the default (sink, no layer-0 memory), the paper's (no
+sink, layer-0 memory) and each fix alone."""
 import copy
 import random
 
@@ -10,8 +12,8 @@ import torch
 
 from helpers import checksums, tiny_model, write_hf_checkpoint
 from load_llama import load_model
-from methods.uio import (UIO, Reader, UIOConfig, decode, encode, memory_weight, segment_nll, text_gradient,
-                         train_step, truncate)
+from methods.uio import (UIO, Reader, UIOConfig, decode, encode, memory_weight, segment_nll, sink_kv,
+                         text_gradient, train_step, truncate)
 from protocol import evaluate_blocks
 from train_block import make_optimizer
 
@@ -19,6 +21,11 @@ from train_block import make_optimizer
 HF_CONFIG = dict(vocab_size=97, hidden_size=40, intermediate_size=56, num_hidden_layers=3, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=12, max_position_embeddings=128, rope_theta=10000.0,
                  rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+BOS = 1
+# the two flags: sink (a BOS key/value at position 0 ahead of the memories), layer0_memory (the paper's RMSNorm(e))
+FORMS = {"default": dict(sink=True, layer0_memory=False, bos=BOS), "paper": dict(sink=False, layer0_memory=True),
+         "sink_only": dict(sink=True, layer0_memory=True, bos=BOS),
+         "no_layer0_only": dict(sink=False, layer0_memory=False)}
 
 
 def randomize(uio: UIO, seed: int, scale: float = 0.1) -> None:
@@ -42,13 +49,19 @@ def merged(hf, uio: UIO, role: str):
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def checkpoint(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     path = tmp_path_factory.mktemp("uio_ckpt")
     write_hf_checkpoint(path, shard=False, **HF_CONFIG)
     hf = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    return hf, path
+
+
+@pytest.fixture(params=list(FORMS))
+def pair(request, checkpoint):
+    hf, path = checkpoint
     ours = load_model(path, dtype=torch.float32)
-    uio = UIO(ours, UIOConfig(segment=7, memories=3, rank=4, alpha=8.0))
+    uio = UIO(ours, UIOConfig(segment=7, memories=3, rank=4, alpha=8.0, **FORMS[request.param]))
     randomize(uio, seed=1)
     return hf, ours, uio
 
@@ -62,9 +75,42 @@ def test_encoder_memory_is_each_layers_normed_attention_input_at_the_memory_toke
         states = enc.model(inputs_embeds=embeds, output_hidden_states=True).hidden_states  # [l]: input of layer l
         expected = [enc.model.layers[l].input_layernorm(states[l])[:, -3:] for l in range(3)]
         got = encode(ours, uio, segment)
-    assert len(got) == 3
-    for layer, (g, e) in enumerate(zip(got, expected)):
+    first = 0 if uio.cfg.layer0_memory else 1  # without the layer-0 memory: layers 1 and 2 only
+    assert len(got) == 3 - first
+    for layer, (g, e) in enumerate(zip(got, expected[first:]), start=first):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5, msg=f"layer {layer}")
+
+
+def test_the_papers_layer0_memory_is_the_same_for_every_segment_and_the_default_memory_is_not():
+    model = small_model()
+    segments = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        paper = UIO(model, UIOConfig(segment=6, memories=2, rank=4, alpha=8.0, **FORMS["paper"]))
+        randomize(paper, seed=12)
+        a, b = encode(model, paper, segments[:1]), encode(model, paper, segments[1:])
+        torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)  # RMSNorm(e): nothing of the segment in it
+        torch.testing.assert_close(a[0], model.layers[0].attention_norm(paper.memory[None]), atol=1e-6, rtol=1e-6)
+        paper.remove()
+        fixed = UIO(model, UIOConfig(segment=6, memories=2, rank=4, alpha=8.0, **FORMS["default"]))
+        randomize(fixed, seed=12)
+        a, b = encode(model, fixed, segments[:1]), encode(model, fixed, segments[1:])
+    assert len(a) == len(model.layers) - 1
+    assert all((x - y).abs().max() > 1e-3 for x, y in zip(a, b))  # every memory kept depends on the segment
+    assert not any(name.startswith("layers.0.") and ".decoder." in name for name in fixed.tensors())
+
+
+def hide_columns(module, columns: slice):
+    """A forward pre-hook on a transformers attention module that masks the keys in `columns` out of its
+    attention (layer 0 of the default form has no memory: its cache here holds placeholders there)."""
+    def hook(_, args, kwargs):
+        mask = kwargs["attention_mask"].clone()
+        if mask.dtype == torch.bool:
+            mask[..., columns] = False
+        else:
+            mask[..., columns] = torch.finfo(mask.dtype).min
+        kwargs["attention_mask"] = mask
+        return args, kwargs
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def test_decoder_reads_the_memories_as_a_kv_prefix_at_contiguous_positions_like_transformers(pair):
@@ -72,30 +118,62 @@ def test_decoder_reads_the_memories_as_a_kv_prefix_at_contiguous_positions_like_
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
     hf, ours, uio = pair
     segments = torch.randint(0, 97, (3, 7), generator=torch.Generator().manual_seed(3))
+    sink, first = int(uio.cfg.sink), 0 if uio.cfg.layer0_memory else 1
     with torch.no_grad():
         memories = [encode(ours, uio, segments[s:s + 1]) for s in range(2)]  # checked against transformers above
         got = ours.output(decode(ours, uio, memories, segments[2:3]))
-        # transformers: the memories' K/V by the decoder's merged k/v_proj and HF's RoPE at positions 0..5, in a
-        # DynamicCache; then the base model reads the segment at positions 6..12
+        # transformers: the base model's K/V of BOS at position 0 (the sink, if on), then the memories' K/V by the
+        # decoder's merged k/v_proj and HF's RoPE at positions sink..sink+5, in a DynamicCache; then the base
+        # model reads the segment at positions sink+6 ..
+        sink_cache = hf(input_ids=torch.tensor([[BOS]]), use_cache=True).past_key_values
         dec, P = merged(hf, uio, "decoder"), 6
         cache = DynamicCache()
-        cos, sin = dec.model.rotary_emb(segments.float(), torch.arange(P)[None])
+        cos, sin = dec.model.rotary_emb(segments.float(), torch.arange(sink, sink + P)[None])
         for layer in range(3):
-            x = torch.cat([m[layer] for m in memories], dim=1)                               # (1, P, dim)
-            att = dec.model.layers[layer].self_attn
-            k = att.k_proj(x).view(1, P, 2, 12).transpose(1, 2)
-            v = att.v_proj(x).view(1, P, 2, 12).transpose(1, 2)
-            _, k = apply_rotary_pos_emb(k, k, cos, sin)
+            if layer < first:  # no memory here: placeholders, masked out of layer 0's attention below
+                k = v = torch.randn(1, 2, P, 12)
+            else:
+                x = torch.cat([m[layer - first] for m in memories], dim=1)                   # (1, P, dim)
+                att = dec.model.layers[layer].self_attn
+                k = att.k_proj(x).view(1, P, 2, 12).transpose(1, 2)
+                v = att.v_proj(x).view(1, P, 2, 12).transpose(1, 2)
+                _, k = apply_rotary_pos_emb(k, k, cos, sin)
+            if sink:
+                k = torch.cat([sink_cache.layers[layer].keys, k], dim=2)
+                v = torch.cat([sink_cache.layers[layer].values, v], dim=2)
             cache.update(k, v, layer)
-        expected = hf(input_ids=segments[2:3], past_key_values=cache, position_ids=torch.arange(P, P + 7)[None]).logits
+        hooks = [hide_columns(hf.model.layers[0].self_attn, slice(sink, sink + P))] if first else []
+        try:
+            expected = hf(input_ids=segments[2:3], past_key_values=cache,
+                          position_ids=torch.arange(sink + P, sink + P + 7)[None]).logits
+        finally:
+            for h in hooks:
+                h.remove()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("memory", [True, False], ids=["uio", "no_memory"])
-def test_scoring_with_one_growing_cache_equals_decoding_each_block_afresh(memory):
+def test_the_sink_is_the_base_models_bos_key_value_at_position_0_and_stays_there(pair):
+    hf, ours, uio = pair
+    if not uio.cfg.sink:
+        pytest.skip("no sink in this form")
+    ids = torch.randint(3, 97, (1 + 3 * 7,), generator=torch.Generator().manual_seed(13)).tolist()
+    reader = Reader(ours, uio, ids, 7)
+    chunks = evaluate_blocks(ids, 7, reader)["chunks"]
+    assert [c["memory_positions"] for c in chunks] == [0, 4, 7]  # the sink at 0, then 3 memory tokens a segment
+    expected = hf(input_ids=torch.tensor([[BOS]]), use_cache=True).past_key_values
+    for layer in range(3):  # after every memory was written, index 0 of each layer still holds BOS's K/V
+        torch.testing.assert_close(reader.cache.k[layer][:, :, :1], expected.layers[layer].keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(reader.cache.v[layer][:, :, :1], expected.layers[layer].values, atol=1e-5, rtol=1e-5)
+    keys, _ = sink_kv(ours, uio)
+    torch.testing.assert_close(keys[0], expected.layers[0].keys, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("form", [*FORMS, None], ids=[*FORMS, "no_memory"])
+def test_scoring_with_one_growing_cache_equals_decoding_each_block_afresh(form):
     # 9 query heads on 3 key/value heads; blocks of 7 with a last one of 4 tokens
     model = tiny_model(dim=36, n_heads=9, n_kv_heads=3, head_dim=8, hidden_dim=64, vocab_size=80).requires_grad_(False)
-    uio = UIO(model, UIOConfig(segment=7, memories=3, rank=4, alpha=8.0)) if memory else None
+    memory = form is not None
+    uio = UIO(model, UIOConfig(segment=7, memories=3, rank=4, alpha=8.0, **FORMS[form])) if memory else None
     if uio:
         randomize(uio, seed=4)
     ids = torch.randint(0, 80, (1 + 3 * 7 + 4,), generator=torch.Generator().manual_seed(5)).tolist()
@@ -112,7 +190,8 @@ def test_scoring_with_one_growing_cache_equals_decoding_each_block_afresh(memory
                 logits = model(segment)
                 assert slow[-1] == pytest.approx(torch.nn.functional.cross_entropy(
                     logits[0], text[0, start:start + 7], reduction="sum").item(), rel=1e-5)
-    assert [c["memory_positions"] for c in fast] == ([0, 3, 6, 9] if memory else [0, 0, 0, 0])
+    sink = int(memory and uio.cfg.sink)
+    assert [c["memory_positions"] for c in fast] == ([0, 3 + sink, 6 + sink, 9 + sink] if memory else [0, 0, 0, 0])
     assert [c["nll_uio"] for c in fast] == pytest.approx(slow, rel=1e-5)
 
 
@@ -129,9 +208,9 @@ def small_model():
     return tiny_model(dim=32, n_heads=4, n_kv_heads=2, head_dim=12, hidden_dim=48, vocab_size=50).requires_grad_(False)
 
 
-def small_uio(bptt: str, keep: int = 2, model=None):
+def small_uio(bptt: str, keep: int = 2, model=None, form: str = "default"):
     model = model or small_model()
-    uio = UIO(model, UIOConfig(segment=6, memories=2, rank=4, alpha=8.0, bptt=bptt, keep=keep))
+    uio = UIO(model, UIOConfig(segment=6, memories=2, rank=4, alpha=8.0, bptt=bptt, keep=keep, **FORMS[form]))
     randomize(uio, seed=6)
     ids = torch.randint(0, 50, (1, 6 * 6 + 1), generator=torch.Generator().manual_seed(7))  # 6 segments
     return model, uio, ids
@@ -144,8 +223,9 @@ def gradient(model, uio, ids, seed: int = 0) -> torch.Tensor:
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in uio.parameters()])
 
 
-def test_full_bptt_by_incremental_backward_equals_the_gradient_of_one_graph():
-    model, uio, ids = small_uio("full")
+@pytest.mark.parametrize("form", list(FORMS))
+def test_full_bptt_by_incremental_backward_equals_the_gradient_of_one_graph(form):
+    model, uio, ids = small_uio("full", form=form)
     got = gradient(model, uio, ids)
     # the reference: every segment's loss in one graph, the memories never detached, one backward
     total, memories = 0.0, []
@@ -161,8 +241,9 @@ def test_full_bptt_by_incremental_backward_equals_the_gradient_of_one_graph():
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
-def test_a_reservoir_with_room_for_every_segment_is_full_bptt():
-    model, uio, ids = small_uio("full")
+@pytest.mark.parametrize("form", ["default", "paper"])
+def test_a_reservoir_with_room_for_every_segment_is_full_bptt(form):
+    model, uio, ids = small_uio("full", form=form)
     full = gradient(model, uio, ids)
     uio.cfg.bptt, uio.cfg.keep = "reservoir", 5  # 5 memories are ever made: all stay live, every weight is 1
     torch.testing.assert_close(gradient(model, uio, ids, seed=3), full, atol=1e-6, rtol=1e-5)
@@ -191,11 +272,12 @@ def mean_and_tolerance(model, uio, ids, n: int) -> tuple[torch.Tensor, torch.Ten
     return samples.mean(0), 3 * (samples.var(0).sum() / n).sqrt()
 
 
-def test_reservoir_gradient_is_unbiased_and_recent_only_is_not(monkeypatch):
+@pytest.mark.parametrize("form", ["default", "paper"])
+def test_reservoir_gradient_is_unbiased_and_recent_only_is_not(monkeypatch, form):
     """The mean of 64 reservoir estimates converges to the full-BPTT gradient: its error is within 3 standard
     errors (measured). The recent-only estimate has no randomness and misses every path longer than k segments:
     its error is more than 3x that tolerance. So is the reservoir's without the 1/p_t weights (the official's)."""
-    model, uio, ids = small_uio("full")
+    model, uio, ids = small_uio("full", form=form)
     exact = gradient(model, uio, ids)
     uio.cfg.bptt = "recent"
     recent = gradient(model, uio, ids)
@@ -224,3 +306,26 @@ def test_training_changes_only_the_uio_tensors_and_removal_restores_the_base_mod
     uio.remove()
     assert checksums(model) == before
     assert torch.equal(model(ids), logits)
+
+
+def test_a_batch_with_an_answer_mask_is_the_token_weighted_mean_of_its_texts_gradients():
+    """text_gradient on B texts with the loss on some targets only (the synthetic recall task's answer): the
+    gradient of the mean over the masked targets of the batch, i.e. each text's own gradient weighted by its
+    share of the masked targets."""
+    model, uio, _ = small_uio("full")
+    ids = torch.randint(0, 50, (2, 4 * 6 + 1), generator=torch.Generator().manual_seed(14))
+    answer = torch.zeros(2, 24, dtype=torch.bool)
+    answer[0, [20, 23]] = True  # text 0: two answer targets in segment 3
+    answer[1, [9, 22]] = True   # text 1: one in segment 1, one in segment 3
+    answer[1, 15] = True        # and one in segment 2
+    parts = []
+    for b in range(2):
+        for p in uio.parameters():
+            p.grad = None
+        text_gradient(model, uio, ids[b:b + 1], random.Random(0), answer[b:b + 1])
+        parts.append(torch.cat([p.grad.flatten() for p in uio.parameters()]))
+    for p in uio.parameters():
+        p.grad = None
+    text_gradient(model, uio, ids, random.Random(0), answer)
+    both = torch.cat([p.grad.flatten() for p in uio.parameters()])
+    torch.testing.assert_close(both, (2 * parts[0] + 3 * parts[1]) / 5, atol=1e-7, rtol=1e-5)
