@@ -30,6 +30,7 @@ class Row(NamedTuple):
     time_keys: tuple = ()      # keys of "timings" that are this method's wall time
     memory_run: str | None = None  # run in memory.json (peak RSS of a fresh process, book 349) if measured
     command: str = "python -m bench.replicate"  # what writes the results
+    passkey: str | None = None  # the method of bench/passkey.py that is this row's method in its natural form
 
 
 SUPRA_COMMAND = ("python -m bench.supra --device cuda --model DIR --books-dir DIR --train-books-dir DIR "
@@ -40,18 +41,28 @@ BPT_COMMAND = "python -m bench.bpt books --device cuda --model DIR --books-dir D
 BPT_CPU_COMMAND = ("python -m bench.bpt books --model DIR --books-dir DIR --book-ids 349,718 --tokens 8192 "
                    "--out bench/results/bpt/books-cpu")
 DCIS_COMMAND = "python -m bench.dcis --device cuda --out bench/results/dcis"
+LOLCATS_CPU = "python -m bench.lolcats --model DIR --books-dir DIR --train-books-dir DIR --out bench/results/lolcats-cpu"
 
 ROWS = [
-    Row("base, W=2K", "main-*.json", "base", ("score_base",), ("score_base_s",)),
-    Row("base, W=8K (full context)", "base-w8192-*.json", "base", ("score_base",), ("score_base_s",), "base_32768"),
+    Row("base, W=2K", "main-*.json", "base", ("score_base",), ("score_base_s",), passkey="base-short"),
+    Row("base, W=8K (full context)", "base-w8192-*.json", "base", ("score_base",), ("score_base_s",), "base_32768",
+        passkey="base-long"),
     Row("Temp-LoRA, W=2K", "main-*.json", "templora", ("score_templora", "train"), ("score_templora_s", "train_s"),
-        "templora_32768"),
+        "templora_32768", passkey="templora"),
     # bench/supra.py (one GPU run): its own base W=2K reference, and two linearised models with no window
     Row("base, W=2K (bench.supra run)", "supra-base-w2048-*.json", "base", (), ("score_base_s",),
         command=SUPRA_COMMAND),
-    Row("SUPRA linearised, no window", "supra-supra-*.json", "supra", (), ("total_s",), command=SUPRA_COMMAND),
-    Row("LoLCATs recipe, linearised, no window", "supra-lolcats-*.json", "lolcats", (), ("total_s",),
-        command=SUPRA_COMMAND),
+    Row("SUPRA linearised, no window", "supra-supra-[0-9]*.json", "supra", (), ("total_s",), command=SUPRA_COMMAND,
+        passkey="supra"),
+    Row("SUPRA arch., LoLCATs-style transfer (uncalibrated; run as lolcats)", "supra-lolcats-*.json", "lolcats", (),
+        ("total_s",), command=SUPRA_COMMAND),
+    # bench/lolcats.py (CPU run, books 349 and 718, first 8K tokens): LoLCATs itself, Hedgehog + 64-token window
+    Row("base, W=2K (bench.lolcats CPU run)", "lolcats-cpu/lolcats-base-w2048-*.json", "base", (), ("score_base_s",),
+        command=LOLCATS_CPU),
+    Row("LoLCATs after attention transfer (CPU run)", "lolcats-cpu/lolcats-transfer-*.json", "transfer", (),
+        ("total_s",), command=LOLCATS_CPU),
+    Row("LoLCATs, transfer then LoRA (CPU run)", "lolcats-cpu/lolcats-lolcats-*.json", "lolcats", (), ("total_s",),
+        command=LOLCATS_CPU),
     # UIO-LLMs (bench/uio.py): segments of 1024 = the blocks, 32 memory tokens each; its own base W=2K reference
     Row("base, W=2K (UIO's run)", "uio-base-w2048-*.json", "base", ("score_base",), ("score_base_s",), command=UIO),
     Row("UIO, no memory (segment-local)", "uio-nomemory-*.json", "uio", **UIO_COST),
@@ -64,7 +75,7 @@ ROWS = [
     Row("Temp-LoRA, W=2K, L_T=512 (bench.bpt run)", "bpt-LT512-*.json", "templora", (),
         ("score_templora_s", "train_s"), command=BPT_COMMAND),
     Row("Temp-LoRA, W=2K, L_T=4K (blockwise)", "bpt-LT4096-*.json", "templora", (), ("score_templora_s", "train_s"),
-        command=BPT_COMMAND),
+        command=BPT_COMMAND, passkey="bpt"),
     Row("base, W=2K (bench.bpt CPU run)", "bpt/books-cpu/bpt-LT512-*.json", "base", (), ("score_base_s",),
         command=BPT_CPU_COMMAND),
     Row("Temp-LoRA, W=2K, L_T=512 (bench.bpt CPU run)", "bpt/books-cpu/bpt-LT512-*.json", "templora", (),
@@ -75,7 +86,7 @@ ROWS = [
     Row("Temp-LoRA, W=8K", "dcis/dcis-plain-w8192-*.json", "templora", ("score_templora", "train"),
         ("score_templora_s", "train_s"), command=DCIS_COMMAND),
     Row("base, W=16K (DCIS-stretched)", "dcis/dcis-stretched-w16384-*.json", "base", ("score_base",), ("score_base_s",),
-        command=DCIS_COMMAND),
+        command=DCIS_COMMAND, passkey="dcis"),
     Row("Temp-LoRA, W=16K (DCIS-stretched)", "dcis/dcis-stretched-w16384-*.json", "templora", ("score_templora", "train"),
         ("score_templora_s", "train_s"), command=DCIS_COMMAND),
 ]
@@ -94,7 +105,20 @@ def book_of(r: dict) -> str:
     return Path(r.get("book") or r["text"]).stem
 
 
-def summarise(row: Row, results: list[dict], memory: dict) -> dict:
+def load_passkeys(folder: Path) -> dict[str, dict]:
+    """bench/passkey.py's results in `folder`, pooled per method: {method: {accuracy, exact, n, chance, ...}}."""
+    from bench import passkey
+    results = passkey.load_results(folder) if folder.is_dir() else []
+    methods = {r["method"] for r in results}
+    return {m: passkey.summary([r for r in results if r["method"] == m]) for m in methods}
+
+
+def retrieval_cell(r: dict) -> str:
+    p = r.get("passkey")
+    return f"{p['accuracy']:.2f} ({p['exact']}/{p['n']})" if p else "—"
+
+
+def summarise(row: Row, results: list[dict], memory: dict, passkeys: dict | None = None) -> dict:
     chunks = [c for r in results for c in r["chunks"]]
     by_position = {}
     for lo, hi, name in BUCKETS:
@@ -107,6 +131,7 @@ def summarise(row: Row, results: list[dict], memory: dict) -> dict:
             "flops": sum(c["flops"][p] for c in chunks for p in row.flop_phases) if counted else None,
             "wall_s": sum(r["timings"][k] for r in results for k in row.time_keys) if row.time_keys else None,
             "peak_rss_mib": run["peak_rss_mib"] if run else None,
+            "passkey": (passkeys or {}).get(row.passkey),
             "books": sorted(book_of(r) for r in results), "tokens": sorted({r["scored_tokens"] for r in results}),
             "commands": sorted({r.get("command", "templora.py eval") for r in results}),
             "run_on": ", ".join(sorted({f"{r.get('dtype', '?')} on {r.get('device', '?')}" for r in results}))}
@@ -115,21 +140,25 @@ def summarise(row: Row, results: list[dict], memory: dict) -> dict:
 def markdown(rows: list[dict]) -> str:
     names = [n for _, _, n in BUCKETS if any(n in r["by_position"] for r in rows)]
     ref = rows[0]["all"]
-    out = ["| method | " + " | ".join(names) + " | all | vs " + rows[0]["label"] + " | FLOPs | wall s | peak RSS MiB | run on |",
-           "|---" * (len(names) + 7) + "|"]
+    out = ["| method | " + " | ".join(names) + " | all | vs " + rows[0]["label"] + " | FLOPs | wall s | peak RSS MiB | key acc "
+           "| run on |", "|---" * (len(names) + 8) + "|"]
     for r in rows:
         cells = [f"{r['by_position'][n]:.2f}" if n in r["by_position"] else "" for n in names]
         flops = f"{r['flops']:.3g}" if r["flops"] is not None else "—"
         wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "—"
         peak = f"{r['peak_rss_mib']:.0f}" if r["peak_rss_mib"] is not None else "—"
         out.append(f"| {r['label']} | " + " | ".join(cells) + f" | **{r['all']:.2f}** | "
-                   f"{100 * (r['all'] / ref - 1):+.1f}% | {flops} | {wall} | {peak} | {r['run_on']} |")
+                   f"{100 * (r['all'] / ref - 1):+.1f}% | {flops} | {wall} | {peak} | {retrieval_cell(r)} | {r['run_on']} |")
     first = rows[0]
     out += ["", f"Perplexity = exp(mean NLL) by position of the block in the book, pooled over books "
             f"{', '.join(first['books'])} ({first['tokens'][0]} scored tokens each). FLOPs and wall time: the "
             "method's own work summed over those books (bench/flops.py; wall time on the machine that ran it). "
             "Peak RSS: bench/results/memory.json (a fresh process per run, book 349, 32K tokens); — where not "
-            "measured. Produced by: " + "; ".join(f"`{c}`" for c in sorted({c for r in rows for c in r["commands"]}))]
+            "measured. Key acc: passkey retrieval of the same method in its natural form (bench/passkey.py, "
+            "bench/results/passkey): the share of probes whose true key has the highest log-likelihood among K+1 "
+            "candidates (chance 1/(K+1)), pooled over its grid of lengths x depths x keys, and (in brackets) greedy "
+            "exact matches / probes; — where not run. Produced by: " + "; ".join(
+                f"`{c}`" for c in sorted({c for r in rows for c in r["commands"]}))]
     return "\n".join(out) + "\n"
 
 
@@ -151,13 +180,13 @@ def first_part(results: list[dict], part: dict, first: dict) -> list[dict]:
 
 def part_markdown(parts: list[tuple[dict, dict]]) -> str:
     out = ["", "Runs on part of the text (a CPU-sized run), each next to the first row scored on the same part:", "",
-           "| method | books | scored tokens each | ppl | the first row, same text | change | wall s | run on |",
-           "|---" * 8 + "|"]
+           "| method | books | scored tokens each | ppl | the first row, same text | change | wall s | key acc | run on |",
+           "|---" * 9 + "|"]
     for r, ref in parts:
         wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "—"
         out.append(f"| {r['label']} | {', '.join(r['books'])} | {r['tokens'][0]} | **{r['all']:.2f}** | "
                    f"{ref['all']:.2f} ({ref['label']}) | {100 * (r['all'] / ref['all'] - 1):+.1f}% | {wall} | "
-                   f"{r['run_on']} |")
+                   f"{retrieval_cell(r)} | {r['run_on']} |")
     commands = sorted({c for r, _ in parts for c in r["commands"]})
     return "\n".join(out) + "\n\nProduced by: " + "; ".join(f"`{c}`" for c in commands) + "\n"
 
@@ -192,9 +221,10 @@ def main(argv=None) -> int:
         loaded = [(row, results) for row, results in loaded if results]
         if not loaded:
             raise ValueError(f"no results in {folder} for any row")
-        rows, parts = [summarise(*loaded[0], memory)], []
+        passkeys = load_passkeys(folder / "passkey")
+        rows, parts = [summarise(*loaded[0], memory, passkeys)], []
         for row, results in loaded[1:]:
-            r = summarise(row, results, memory)
+            r = summarise(row, results, memory, passkeys)
             if (r["books"], r["tokens"]) == (rows[0]["books"], rows[0]["tokens"]):
                 rows.append(r)
             else:  # a part of the first row's text, or refused
