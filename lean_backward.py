@@ -9,18 +9,23 @@ rebuilt in the backward from much less, because the base weights are frozen: a f
 input only for the gradient of its weight, which nobody wants. The backward here keeps
 
     x   the block's input            (T, dim)      -> attention_norm(x) again: elementwise, cheap
-    h   after the attention residual (T, dim)      -> ffn_norm(h) again
-    g   the gate w1(.), u the up w3(.) (T, hidden) -> silu(g) and the product again: elementwise
+    h   after the attention residual (T, dim)      -> ffn_norm(h) again, then the gate w1(.) and the
+                                                      up w3(.) again: two matmuls, the one thing computed twice
     q k v out, logsumexp                            what the attention kernel keeps for its own backward
     one random-generator state per adapter, to draw its dropout mask again (the same mask)
 
-and nothing else, and it runs no matmul twice: about 11 (T, dim)-sized tensors per layer where autograd
-keeps about 27 (SmolLM2-135M at 4,096 tokens: 2.7 GB instead of 7.3 GB; bench/step_memory.py). The forward
-calls the block's own modules, so its values are the plain forward's bit for bit; the backward is the
-chain rule written out, so the gradients equal autograd's up to the order of floating-point sums
-(tests/test_lean_backward.py). The attention backward is autograd's own: the kernel runs on leaf tensors
-inside a small graph of its own, whose backward is called by hand. (Keeping less still, g and u computed
-again from h, costs two (T, dim) x (dim, hidden) matmuls per layer: not done here.)
+and nothing else: about 6 (T, dim)-sized tensors per layer where autograd keeps about 27 (SmolLM2-135M at
+4,096 tokens: 1.3 GB instead of 7.3 GB; bench/step_memory.py). Keeping g and u instead of computing them
+again would save two of the step's ~21 matmuls per layer and cost two (T, hidden) tensors per layer, as
+much again as everything else kept (docs/speed-memory.md has both measured). The forward calls the block's
+own modules, so its values are the plain forward's bit for bit; the backward is the chain rule written
+out, so the gradients equal autograd's up to the order of floating-point sums (tests/test_lean_backward.py).
+The attention backward is autograd's own: the kernel runs on leaf tensors inside a small graph of its own,
+whose backward is called by hand.
+
+What the process holds is more than what is kept: glibc keeps the pages of freed blocks, and a step
+frees and allocates tensors of three sizes in turn, so the heap's holes grow layer by layer. trim_heap()
+hands them back after a layer's forward or backward whenever more than TRIM_ABOVE bytes lie free.
 
 Used by train_block.block_loss for every block it can serve: model.py's Attention and FeedForward, each
 linear a plain nn.Linear or a LoRALinear, nothing trainable but the adapters. Anything else (a method's
@@ -49,6 +54,28 @@ def release_memory() -> None:
     earlier phases left free in the heap (glibc only; the GPU's caching allocator is not touched)."""
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
+
+
+class _MallInfo2(ctypes.Structure):  # glibc >= 2.33: struct mallinfo2, every field a size_t
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+_MALLINFO2 = getattr(_LIBC, "mallinfo2", None)
+if _MALLINFO2 is not None:
+    _MALLINFO2.restype = _MallInfo2
+
+TRIM_ABOVE = 256 << 20  # bytes free in the heap past which trim_heap gives them back
+
+
+def trim_heap() -> None:
+    """release_memory() when more than TRIM_ABOVE bytes of the heap lie free. Pages handed back are
+    faulted in again when reused, so trimming after every layer would cost time; with this bound a step on
+    4,096 tokens of SmolLM2 peaks at 2.8 GB instead of 3.7 GB, for about 5% of its time
+    (docs/speed-memory.md). Nothing where glibc's mallinfo2 is missing."""
+    if _MALLINFO2 is not None and _MALLINFO2().fordblks > TRIM_ABOVE:
+        release_memory()
 
 
 def adapters(layer: TransformerBlock) -> list[LoRALinear]:
@@ -102,6 +129,19 @@ def linear_forward(m: nn.Module, x: torch.Tensor, states: dict) -> torch.Tensor:
     if isinstance(m, LoRALinear) and m.enabled and dropout_of(m):
         states[id(m)] = generator_of(m, x.device).get_state()
     return m(x)
+
+
+def linear_again(m: nn.Module, x: torch.Tensor, states: dict) -> torch.Tensor:
+    """m(x) once more, with the dropout mask linear_forward's call drew (from its saved generator state)."""
+    if not (isinstance(m, LoRALinear) and m.enabled and dropout_of(m)):
+        return m(x)
+    own, g = m.generator, torch.Generator(device=x.device)
+    g.set_state(states[id(m)])
+    m.generator = g                                                # the forward's code, the forward's mask
+    try:
+        return m(x)
+    finally:
+        m.generator = own
 
 
 def linear_backward(m: nn.Module, x: torch.Tensor, dy: torch.Tensor, states: dict, grads: dict) -> torch.Tensor:
@@ -175,19 +215,22 @@ class LeanBlock(torch.autograd.Function):
         y = h + linear_forward(ff.w2, F.silu(g) * u, states)
         ctx.layer, ctx.states, ctx.params = layer, states, params
         ctx.attention = (q, k, v, out)
-        ctx.save_for_backward(x, cos, sin, h, g, u)
+        ctx.save_for_backward(x, cos, sin, h)                      # g and u are computed again in the backward
+        del xn, hn, g, u
+        trim_heap()
         return y
 
     @staticmethod
     def backward(ctx, dy):
         layer, states = ctx.layer, ctx.states
         attn, ff = layer.attention, layer.feed_forward
-        x, cos, sin, h, g, u = ctx.saved_tensors
+        x, cos, sin, h = ctx.saved_tensors
         q, k, v, out = ctx.attention
         bsz, T, _ = x.shape
         grads = {}
         # feed-forward: y = h + w2(silu(g) * u), g = w1(hn), u = w3(hn), hn = ffn_norm(h)
         hn = layer.ffn_norm(h)
+        g, u = linear_again(ff.w1, hn, states), linear_again(ff.w3, hn, states)  # the forward's values, bit for bit
         sg = torch.sigmoid(g)
         silu_g = F.silu(g)                                         # the forward's value, bit for bit
         dp = linear_backward(ff.w2, silu_g * u, dy, states, grads)
@@ -207,5 +250,7 @@ class LeanBlock(torch.autograd.Function):
         dxn = (linear_backward(attn.wq, xn, flat(dq), states, grads) + linear_backward(attn.wk, xn, flat(dk), states, grads)
                + linear_backward(attn.wv, xn, flat(dv), states, grads))
         dx = dh + rmsnorm_backward(layer.attention_norm, x, dxn)
+        del dxn, dh, xn, dq, dk, dv
+        trim_heap()
         return (None, dx, None, None, *(grads.get(id(p)) for p in ctx.params))
 

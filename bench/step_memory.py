@@ -18,7 +18,7 @@ peak   each point in a fresh process (peak RSS is a high-water mark): one adapte
        gradient checkpointing). And `templora.evaluate` of N + 1 tokens at the CLI's default knobs scaled to N
        (Δ = N/4, L_T = 3N/4, W = N, L_x = N/2), lean and plain. On the CPU the child's own ru_maxrss; on a
        GPU torch.cuda.max_memory_allocated. One JSON per point, written when it completes; a finished point
-       is skipped, one with other settings refused.
+       is skipped, one with other settings refused; the table and plot show every point stored in --out.
 """
 import argparse
 import json
@@ -262,6 +262,10 @@ def peak(a, log) -> dict:
         write_json(path, r)
         results[path.stem] = r
         log(f"  peak RSS {r['peak_rss_mib']:,.0f} MiB" + (f", step {r['step_s']:.1f}s" if "step_s" in r else ""))
+    for path in sorted(out.glob("*-*-*.json")):  # the table and plot show every point stored here, not only this run's
+        r = json.loads(path.read_text())
+        if path.stem not in results and r.get("settings") == settings(a) and r.get("impl") in IMPLS:
+            results[path.stem] = r
     return results
 
 

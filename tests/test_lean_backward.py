@@ -146,6 +146,17 @@ def test_lean_step_keeps_less_than_half_the_bytes_for_backward():
     assert lean < 0.5 * plain, (lean, plain)
 
 
+def test_lean_step_keeps_neither_the_gate_nor_the_up():
+    """What the lean step keeps does not grow with the feed-forward's width: g and u are computed again."""
+    context, block = list(range(1, 200)), list(range(200, 250))
+    kept = [saved_bytes(lambda: block_loss(adapted(n_layers=4, hidden_dim=hidden)[0], context, block))
+            for hidden in (96, 384)]
+    plain = [saved_bytes(lambda: block_loss(adapted(n_layers=4, hidden_dim=hidden)[0], context, block, lean=False))
+             for hidden in (96, 384)]
+    assert kept[0] == kept[1], kept
+    assert plain[1] > plain[0]                                     # where autograd keeps them, they show
+
+
 def test_evaluate_gives_the_same_perplexities_and_leaves_the_base_weights_alone():
     model = tiny_model(0, **AWKWARD).requires_grad_(False)
     before = checksums(model)
