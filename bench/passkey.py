@@ -4,8 +4,9 @@
     python -m bench.passkey --quick --model CKPT --books-dir DIR --out DIR          # seconds, a tiny checkpoint
 
 The probe (Mohtashami & Jaggi 2023, "Landmark Attention"): a haystack of PG19 text from the evaluation books
-(never a book any method trains on), the needle "The pass key is K. Remember it. K is the pass key." with a
-random 5-digit key K at a depth measured in tokens, and "What is the pass key? The pass key is" at the end.
+(never a book any method trains on: one found in --train-books-dir is refused), the needle (--needle) "The
+pass key is K. Remember it. K is the pass key." with a random 5-digit key K at a depth measured in tokens, and
+(--question) "What is the pass key? The pass key is" at the end.
 
     ids = [ BOS haystack ... | needle | ... haystack ]  [ question ]  [ " K" ]
           |<-- depth x (length - needle) -->|
@@ -26,7 +27,13 @@ Methods, each in its natural form (--methods):
     templora     Temp-LoRA with W: the paper's question, the needle only in the adapter's weights
     bpt          Temp-LoRA with a long L_T (the whole text before each block) computed blockwise (BPT)
     dcis         the DCIS-stretched model (--dcis-config: the searched RoPE factors) with its stretched window
+    uio          UIO-LLMs' memory (methods/uio.py, the fixed form: a sink, no layer-0 memory): every block before
+                 the last compressed into M = Δ / --uio-compression memory tokens, the last one and the question
+                 read after them; untrained (the encoder is the base model, e the BOS embedding) unless
+                 --uio-adapters gives a trained UIO's tensors (bench.uio writes uio.safetensors)
     supra        the SUPRA-linearised model (--supra-checkpoint, made by bench.supra) with its recurrent state
+    lolcats      the LoLCATs-linearised model (--lolcats-checkpoint, made by bench.lolcats) with its state: S, z
+                 and the last 63 keys and values of its softmax window
 Temp-LoRA's knobs are the replication's (bench/common.py: Δ=1024, L_T=512, W=2048, L_x=1024 at 4K tokens)
 scaled by length / --knobs-at: at the default 4096, Δ = length/4 and W = length/2, so the window that reads the
 question never holds a needle at depth <= 0.7 (each result records whether it did: `needle_in_window`).
@@ -50,7 +57,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import EVAL_BOOKS, MODEL_DIR, REPLICATION, RESULTS, model_label, require_books, require_model, stored
+from bench.common import (EVAL_BOOKS, MODEL_DIR, REPLICATION, REPO, RESULTS, TRAIN_BOOKS, model_label, require_books,
+                          require_model, stored)
 from bench.uio import book_paths, first_tokens
 from lora import lora_disabled, lora_parameters, remove_lora
 from model import Transformer, generate
@@ -61,7 +69,7 @@ from train_block import block_loss, make_optimizer
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
 ANSWER = " {key}"
-METHODS = ("base-long", "base-short", "templora", "bpt", "dcis", "supra")
+METHODS = ("base-long", "base-short", "templora", "bpt", "dcis", "uio", "supra", "lolcats")
 DCIS_CONFIG = RESULTS / "dcis" / "dcis-checkpoint"
 OUT = RESULTS / "passkey"
 MARGIN = 64  # positions past the text that a whole-text window keeps for the question and the answer
@@ -151,8 +159,8 @@ class WindowReading:
 
 
 class StateReading:
-    """The text as a linearised model's recurrent state holds it (methods.supra.RecurrentState): all of it,
-    decayed. Copies of the state answer, as copies of the window do."""
+    """The text as a linearised model's state holds it (methods.supra.RecurrentState: all of it, decayed;
+    methods.lolcats.LoLCATsState: all of it in S and z, the last 63 tokens exactly). Copies of the state answer, as copies of the window do."""
 
     def __init__(self, model: Transformer, state, text: list[int], n_vocab: int):
         self.model, self.state, self.text, self.n_vocab = model, state, text, n_vocab
@@ -168,6 +176,58 @@ class StateReading:
 
     def first_visible(self, n: int) -> int:
         return 0  # nothing is dropped, only decayed
+
+
+class UIOReading:
+    """The text as UIO holds it after the last block: the memories of every earlier block in the Reader's
+    cache, and the last block's own tokens. The last block, the question and a candidate are read as one
+    segment after the memories, as the Reader reads a block (the question extends the last segment)."""
+
+    def __init__(self, model: Transformer, uio, reader, text: list[int], seg_start: int, n_vocab: int):
+        self.model, self.uio, self.reader, self.text, self.seg_start = model, uio, reader, text, seg_start
+        self.n_vocab = n_vocab
+
+    def _read(self, seg: list[int], room: int):
+        """The segment read after the memories in a copy of the Reader's cache (with room for `room` more
+        tokens); the final hidden states (1, len(seg), dim), the cache, its per-layer lengths and position."""
+        from methods.uio import prefix_lengths, read_segment
+        from model import KVCache
+        model, src = self.model, self.reader.cache
+        lengths, position = prefix_lengths(model, self.uio, self.reader.memories)
+        cache = KVCache(model.args, 1, max(lengths) + len(seg) + room, src.k[0].device, src.k[0].dtype)
+        for i, n in enumerate(lengths):
+            cache.k[i][:, :, :n] = src.k[i][:, :, :n]
+            cache.v[i][:, :, :n] = src.v[i][:, :, :n]
+        self.uio.use("base")
+        emb = model.tok_embeddings(torch.tensor([seg], device=src.k[0].device))
+        return read_segment(model, cache, lengths, position, emb), cache, lengths, position
+
+    @torch.no_grad()
+    def loglik(self, tokens: list[int]) -> float:
+        from methods.uio import segment_nll
+        ids = self.text + tokens
+        hidden, *_ = self._read(ids[self.seg_start:-1], 0)          # position j predicts token seg_start + j + 1
+        targets = torch.tensor([tokens], device=hidden.device)
+        return -segment_nll(self.model, hidden[:, -len(tokens):], targets).item()
+
+    @torch.no_grad()
+    def greedy(self, n: int) -> list[int]:
+        from methods.uio import read_segment
+        seg = self.text[self.seg_start:]
+        hidden, cache, lengths, position = self._read(seg, n)
+        new = []
+        for step in range(n):
+            logits = self.model.output(hidden[:, -1:])[0, -1, :self.n_vocab]
+            if not torch.isfinite(logits).all():
+                raise ValueError("uio: the logits of the answer are not finite")
+            new.append(int(logits.argmax()))
+            offset = len(seg) + step                                 # tokens of this segment already in the cache
+            hidden = read_segment(self.model, cache, [n_ + offset for n_ in lengths], position + offset,
+                                  self.model.tok_embeddings(torch.tensor([[new[-1]]], device=hidden.device)))
+        return new
+
+    def first_visible(self, n: int) -> int:
+        return self.seg_start  # earlier tokens only through their memories
 
 
 # ----------------------------------------------------------------------------- each method reads the text
@@ -197,7 +257,11 @@ def method_settings(a: argparse.Namespace, method: str, length: int, max_len: in
             raise ValueError(f"--lengths {length}: {method} needs a window of {length} + {MARGIN} positions (the "
                              f"text, the question, the answer); the model has {max_len}")
         return {"delta": cfg.delta, "window": length + MARGIN, "keep": (length + MARGIN) // 2}
-    return {"delta": cfg.delta}  # supra: a state, no window
+    if method == "uio":
+        return {"delta": cfg.delta, "uio": {"memories": max(1, cfg.delta // a.uio_compression), "rank": a.uio_rank,
+                                            "alpha": a.uio_alpha, "bos": a.bos, "sink": True, "layer0_memory": False,
+                                            "adapters": path_label(a.uio_adapters) if a.uio_adapters else None}}
+    return {"delta": cfg.delta}  # supra, lolcats: a state, no window
 
 
 def read_window(model, text: list[int], n_context: int, s: dict, n_vocab: int, scorer: str = "base"):
@@ -208,13 +272,35 @@ def read_window(model, text: list[int], n_context: int, s: dict, n_vocab: int, s
     return r, {scorer: WindowReading(model, window, text, n_vocab)}
 
 
-def read_state(model, text: list[int], n_context: int, s: dict, n_vocab: int):
+def read_state(model, text: list[int], n_context: int, s: dict, n_vocab: int, method: str = "supra"):
+    """A linearised model (SUPRA: RecurrentState; LoLCATs: LoLCATsState) folds the context into its state."""
+    from methods.lolcats import LoLCATsState
     from methods.supra import RecurrentState
     from methods.supra import score_block as score_state
-    state = RecurrentState(model)
+    state = LoLCATsState(model) if method == "lolcats" else RecurrentState(model)
     r = evaluate_blocks(text[:n_context], s["delta"],
-                        lambda i, start, end: {"nll_supra": score_state(model, state, text, start, end)})
-    return r, {"supra": StateReading(model, state, text, n_vocab)}
+                        lambda i, start, end: {f"nll_{method}": score_state(model, state, text, start, end)})
+    return r, {method: StateReading(model, state, text, n_vocab)}
+
+
+def read_uio(model, text: list[int], n_context: int, s: dict, n_vocab: int, adapters: str | None):
+    """UIO reads the context in blocks of Δ (methods.uio.Reader: each block after the memories of the blocks
+    before it), then the question extends the last block."""
+    from methods.uio import UIO, Reader, UIOConfig
+    c = s["uio"]
+    uio = UIO(model, UIOConfig(segment=s["delta"], memories=c["memories"], rank=c["rank"], alpha=c["alpha"],
+                               memory_init=c["bos"], seed=0, sink=True, layer0_memory=False, bos=c["bos"]))
+    if adapters:
+        from safetensors.torch import load_file
+        uio.load(load_file(adapters, device=str(model.tok_embeddings.weight.device)))
+    try:
+        reader = Reader(model, uio, text[:n_context], s["delta"])
+        r = evaluate_blocks(text[:n_context], s["delta"], reader)
+        seg_start = r["chunks"][-1]["start"] - 1                    # the last block's input starts a token earlier
+        return r, {"uio": UIOReading(model, uio, reader, text, seg_start, n_vocab)}, uio
+    except BaseException:
+        uio.remove()
+        raise
 
 
 def read_templora(model, text: list[int], n_context: int, s: dict, n_vocab: int, then):
@@ -255,6 +341,10 @@ def load_method_model(a: argparse.Namespace, method: str) -> Transformer:
         from methods.supra import load_linearized
         model, _ = load_linearized(a.supra_checkpoint, a.device, dtype, a.model)
         return model
+    if method == "lolcats":
+        from methods.lolcats import load_lolcats
+        model, _ = load_lolcats(a.lolcats_checkpoint, a.device, dtype, a.model)
+        return model
     return load_model(a.model, a.device, dtype)
 
 
@@ -267,6 +357,13 @@ def weights_digest(model: Transformer) -> str:
 
 
 # ----------------------------------------------------------------------------- the grid
+
+def path_label(path) -> str:
+    """A folder as results record it: relative to the repository when inside it, else its name alone (a
+    result must not depend on where the machine that made it kept its files)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else p.name
+
 
 def probe_path(out: Path, method: str, length: int, depth: float, key_index: int) -> Path:
     return out / f"{method}-L{length}-d{round(100 * depth):03d}-k{key_index}.json"
@@ -290,21 +387,21 @@ def run_method(a, method: str, tok, books: list[Path], keys, cells, out: Path) -
         key, distractors = keys[i]
         book = books[i % len(books)]
         wanted = {"method": method, "length": length, "depth": depth, "key_index": i, "key": key,
-                  "distractors": distractors, "seed": a.seed, "book": book.stem, "needle": NEEDLE,
-                  "question": QUESTION, "answer_template": ANSWER, "answer_tokens": a.answer_tokens,
-                  "model": str(a.model), "dtype": a.dtype} | method_settings(a, method, length, max_len)
-        if method == "supra":
-            wanted["supra_checkpoint"] = str(a.supra_checkpoint)
+                  "distractors": distractors, "seed": a.seed, "book": book.stem, "needle": a.needle,
+                  "question": a.question, "answer_template": ANSWER, "answer_tokens": a.answer_tokens,
+                  "model": path_label(a.model), "dtype": a.dtype} | method_settings(a, method, length, max_len)
+        if method in ("supra", "lolcats"):
+            wanted[f"{method}_checkpoint"] = path_label(getattr(a, f"{method}_checkpoint"))
         if method == "dcis":
-            wanted["dcis_config"] = str(a.dcis_config)
+            wanted["dcis_config"] = path_label(a.dcis_config)
         if stored(path, wanted) is not None:
             continue
         if model is None:
             model = load_method_model(a, method)
             digest = weights_digest(model)
-        needle = tok.encode(NEEDLE.format(key=key))
+        needle = tok.encode(a.needle.format(key=key))
         ids, at = plant(first_tokens(book, tok, length), needle, length, depth)
-        text = ids + tok.encode(QUESTION)
+        text = ids + tok.encode(a.question)
         n_vocab = tok.n_words
         tic = time.perf_counter()
 
@@ -317,9 +414,15 @@ def run_method(a, method: str, tok, books: list[Path], keys, cells, out: Path) -
             return scores
         if method in ("templora", "bpt"):
             reading, scores = read_templora(model, text, length, wanted, n_vocab, then)
-        elif method == "supra":
-            reading, readings = read_state(model, text, length, wanted, n_vocab)
+        elif method in ("supra", "lolcats"):
+            reading, readings = read_state(model, text, length, wanted, n_vocab, method)
             scores = then(readings)
+        elif method == "uio":
+            reading, readings, uio = read_uio(model, text, length, wanted, n_vocab, a.uio_adapters)
+            try:
+                scores = then(readings)
+            finally:
+                uio.remove()
         else:
             reading, readings = read_window(model, text, length, wanted, n_vocab)
             scores = then(readings)
@@ -327,7 +430,7 @@ def run_method(a, method: str, tok, books: list[Path], keys, cells, out: Path) -
         delta = wanted.get("delta") or wanted["config"]["delta"]
         blocks = math.ceil((length - 1) / delta)
         needle_block = (at - 1) // delta
-        head = scores.get("templora") or scores.get("supra") or scores["base"]
+        head = next(scores[k] for k in ("templora", "uio", "supra", "lolcats", "base") if k in scores)
         result = wanted | head | {
             "needle_at": at, "needle_tokens": len(needle), "question_tokens": len(text) - length,
             "blocks": blocks, "needle_block": needle_block, "blocks_after_needle": blocks - 1 - needle_block,
@@ -454,6 +557,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--books-dir", default=str(EVAL_BOOKS), help="evaluation books (never a training book)")
     p.add_argument("--book-ids", help="comma-separated book ids; key i reads book i (cycling); default: the first "
                                       "--keys books of --books-dir by number")
+    p.add_argument("--train-books-dir", default=str(TRAIN_BOOKS), help="the books the methods train on: a haystack "
+                   "book found there is refused (not checked when the folder is absent)")
+    p.add_argument("--needle", default=NEEDLE, help="the sentence planted in the haystack; {key} marks the key")
+    p.add_argument("--question", default=QUESTION, help="what is read after the text, before the answer")
     p.add_argument("--methods", default="base-long,base-short,templora", help=f"any of {','.join(METHODS)}")
     p.add_argument("--lengths", default="512,1024,2048", help="tokens of haystack + needle, before the question")
     p.add_argument("--depths", default="0.1,0.4,0.7", help="needle depths, fractions of the haystack")
@@ -471,6 +578,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dcis-config", default=str(DCIS_CONFIG), help="dcis: folder whose config.json holds the "
                                                                    "searched RoPE factors (weights: --model's)")
     p.add_argument("--supra-checkpoint", help="supra: a linearised checkpoint written by bench.supra")
+    p.add_argument("--lolcats-checkpoint", help="lolcats: a checkpoint folder written by bench.lolcats")
+    p.add_argument("--uio-compression", type=int, default=32, help="uio: tokens per memory token, M = Δ / this "
+                                                                   "(the paper's 32x)")
+    p.add_argument("--uio-rank", type=int, default=128, help="uio: LoRA r of the encoder and decoder")
+    p.add_argument("--uio-alpha", type=float, default=512.0, help="uio: LoRA alpha")
+    p.add_argument("--uio-adapters", help="uio: a trained UIO's tensors (uio.safetensors of bench.uio); "
+                                          "default: untrained")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
@@ -488,12 +602,24 @@ def check_args(a: argparse.Namespace) -> None:
         raise ValueError(f"--methods: unknown {bad or a.methods!r} (choose from {', '.join(METHODS)})")
     if "supra" in a.method_list and not a.supra_checkpoint:
         raise ValueError("--supra-checkpoint: the supra method needs a linearised checkpoint (bench.supra writes it)")
+    if "lolcats" in a.method_list and not a.lolcats_checkpoint:
+        raise ValueError("--lolcats-checkpoint: the lolcats method needs a checkpoint folder (bench.lolcats writes it)")
+    for flag, path in (("--lolcats-checkpoint", a.lolcats_checkpoint), ("--uio-adapters", a.uio_adapters)):
+        if path and not Path(path).exists():
+            raise ValueError(f"{flag}: {path} does not exist")
+    if a.uio_adapters and "uio" not in a.method_list:
+        raise ValueError("--uio-adapters: has no effect without --methods uio")
     a.length_list = [int(x) for x in floats("--lengths", a.lengths, 2, math.inf)]
     a.depth_list = floats("--depths", a.depths, 0.0, 1.0)
     for flag, v in (("--keys", a.keys), ("--distractors", a.distractors), ("--answer-tokens", a.answer_tokens),
+                    ("--uio-compression", a.uio_compression), ("--uio-rank", a.uio_rank),
                     ("--knobs-at", a.knobs_at), ("--rank", a.rank), ("--epochs", a.epochs)):
         if v < 1:
             raise ValueError(f"{flag} must be at least 1, got {v}")
+    if "{key}" not in a.needle:
+        raise ValueError(f"--needle: {a.needle!r} does not hold {{key}}, where the key goes")
+    if not a.question.strip():
+        raise ValueError("--question: empty")
     if not a.lr > 0 or a.blockwise < 1:
         raise ValueError(f"--lr must be > 0 and --blockwise >= 1 (got {a.lr}, {a.blockwise})")
 
@@ -509,12 +635,18 @@ def main(argv=None) -> int:
     ids = a.book_ids.split(",") if a.book_ids else None
     require_books(a.books_dir, "--books-dir", ids or ())
     books = [Path(a.books_dir) / f"{i}.txt" for i in ids] if ids else book_paths(a.books_dir)[: a.keys]
+    trained_on = [b.stem for b in books if (Path(a.train_books_dir) / b.name).is_file()]
+    if trained_on:
+        print(f"error: --books-dir: {', '.join(trained_on)} also in --train-books-dir {a.train_books_dir}, which "
+              "methods train on: a haystack must be text no method has seen", file=sys.stderr)
+        return 2
     if a.threads:
         torch.set_num_threads(a.threads)
     out = Path(a.out)
     try:
         from load_llama import load_tokenizer, read_json
         tok = load_tokenizer(Path(a.model), read_json(Path(a.model) / "config.json"))
+        a.bos = tok.bos_id  # uio: the sink's token and e's start
         keys = make_keys(a.seed, a.keys, a.distractors)
         cells = [(L, d, i) for L in a.length_list for d in a.depth_list for i in range(a.keys)]
         for method in a.method_list:

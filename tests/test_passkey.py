@@ -120,7 +120,7 @@ def test_rank_credit_refuses_a_non_finite_score_and_splits_ties():
     assert passkey.rank_credit([-1.0, -1.0, -2.0]) == 0.5 and passkey.rank_credit([-2.0, -1.0]) == 0.0
 
 
-QUICK_METHODS = "base-long,base-short,templora,bpt"
+QUICK_METHODS = "base-long,base-short,templora,bpt,uio"
 
 
 def test_quick_runs_end_to_end_resumes_and_refuses_other_settings(ckpt, books, tmp_path, capsys):
@@ -128,7 +128,7 @@ def test_quick_runs_end_to_end_resumes_and_refuses_other_settings(ckpt, books, t
     args = ["--quick", "--model", str(ckpt), "--books-dir", str(books), "--out", str(out), "--threads", "1"]
     assert passkey.main(args + ["--methods", QUICK_METHODS]) == 0
     files = sorted(out.glob("*-L*-d*-k*.json"))
-    assert len(files) == 4 * 2 * 2 * 2  # methods x lengths x depths x keys
+    assert len(files) == 5 * 2 * 2 * 2  # methods x lengths x depths x keys
     assert (out / "passkey.md").stat().st_size > 0
     assert all((out / f"passkey-{m}.png").stat().st_size > 0 for m in QUICK_METHODS.split(","))
     results = {f.stem: json.loads(f.read_text()) for f in files}
@@ -169,11 +169,38 @@ def test_dcis_reads_with_its_stretched_window(ckpt, books, tmp_path):
 
 @pytest.mark.parametrize("flag, value, message", [
     ("--methods", "base,uio", "--methods"), ("--depths", "0.5,1.5", "--depths"), ("--keys", "0", "--keys"),
-    ("--methods", "supra", "--supra-checkpoint"), ("--lengths", "10,abc", "--lengths")])
+    ("--methods", "supra", "--supra-checkpoint"), ("--lengths", "10,abc", "--lengths"),
+    ("--needle", " The pass key is there.", "--needle"), ("--question", " ", "--question")])
 def test_a_bad_flag_is_one_line_naming_it_and_exit_2(ckpt, books, tmp_path, capsys, flag, value, message):
     rc = passkey.main(["--quick", "--model", str(ckpt), "--books-dir", str(books), "--out", str(tmp_path), flag, value])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_haystack_book_that_methods_train_on_is_refused(ckpt, books, tmp_path, capsys):
+    trained = tmp_path / "train"
+    trained.mkdir()
+    shutil.copy(books / "11.txt", trained / "11.txt")
+    args = ["--quick", "--model", str(ckpt), "--books-dir", str(books), "--out", str(tmp_path / "out"),
+            "--methods", "base-short", "--train-books-dir", str(trained)]
+    assert passkey.main(args) == 2
+    err = capsys.readouterr().err
+    assert "--books-dir" in err and "11" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_needle_and_question_are_flags_and_results_record_paths_that_travel(ckpt, books, tmp_path):
+    out = tmp_path / "out"
+    needle, question = " Note: the code is {key}.", " The code is"
+    assert passkey.main(["--quick", "--model", str(ckpt), "--books-dir", str(books), "--out", str(out), "--keys", "1",
+                         "--methods", "base-long", "--needle", needle, "--question", question, "--depths", "0.5",
+                         "--lengths", "150"]) == 0
+    r = json.loads(next(out.glob("base-long-*.json")).read_text())
+    tok = load_tokenizer(ckpt, read_json(ckpt / "config.json"))
+    planted = tok.encode(needle.format(key=r["key"]))
+    assert (r["needle"], r["question"], r["needle_tokens"]) == (needle, question, len(planted))
+    assert r["question_tokens"] == len(tok.encode(question))
+    assert r["model"] == ckpt.name                                 # not the folder of the machine that ran it
 
 
 def test_a_length_past_the_book_or_the_model_is_an_error_naming_it(ckpt, tmp_path, capsys):
@@ -240,3 +267,37 @@ def test_a_reading_that_holds_the_whole_text_scores_a_candidate_as_one_forward_d
     with torch.no_grad():
         assert greedy[0] == model(torch.tensor([text]))[0, -1].argmax().item()
     assert reading.greedy(3) == greedy  # asking leaves the reading as it was
+
+
+def uio_reading(text, n_context, delta, memories=4):
+    from helpers import tiny_model
+    model = tiny_model(seed=2)
+    settings = {"delta": delta, "uio": {"memories": memories, "rank": 4, "alpha": 8.0, "bos": 1}}
+    _, readings, uio = passkey.read_uio(model, text, n_context, settings, n_vocab=300, adapters=None)
+    return model, readings["uio"], uio
+
+
+def test_uio_reading_of_a_text_of_one_block_is_one_forward_of_it():
+    rng = random.Random(1)
+    text = [rng.randrange(300) for _ in range(40)]
+    model, reading, uio = uio_reading(text, 31, delta=30)          # one block: no memory yet
+    for cand in ([5, 6, 7], [250, 1]):
+        assert reading.loglik(cand) == pytest.approx(full_forward_loglik(model, text, cand), abs=1e-3)
+    uio.remove()
+
+
+def test_uio_reading_answers_after_the_memories_and_decodes_as_it_scores():
+    import torch
+    rng = random.Random(2)
+    text = [rng.randrange(300) for _ in range(101)]
+    model, reading, uio = uio_reading(text, 90, delta=24)           # blocks at 1, 25, 49, 73: three memories
+    assert reading.reader.memories == 3 and reading.first_visible(3) == 72
+    alone = full_forward_loglik(model, text[72:], [5, 6, 7])          # the last segment without its memories
+    assert reading.loglik([5, 6, 7]) != pytest.approx(alone, abs=1e-4)
+    greedy = reading.greedy(3)
+    for j in range(3):                                                 # the cached decode = reading it all again
+        hidden, *_ = reading._read(text[72:] + greedy[:j], 0)
+        with torch.no_grad():
+            assert greedy[j] == model.output(hidden[:, -1])[0, :300].argmax().item()
+    assert reading.greedy(3) == greedy                                 # asking leaves the reading as it was
+    uio.remove()
