@@ -37,6 +37,9 @@ SUPRA_COMMAND = ("python -m bench.supra --device cuda --model DIR --books-dir DI
                  "--out bench/results")
 UIO = "python -m bench.uio --model DIR --books-dir DIR --train-books-dir DIR --device cuda --out bench/results"
 UIO_COST = dict(flop_phases=("decode", "encode"), time_keys=("decode_s", "encode_s"), command=UIO)
+UIO_CPU = ("python -m bench.uio --model DIR --books-dir DIR --train-books-dir DIR --book-ids 349,718 --tokens 16384 "
+           "--train-variants= --scaling-tokens= --scaling-segments= --dtype float32 --out bench/results/uio-cpu/fixed")
+UIO_CPU_COST = UIO_COST | {"command": UIO_CPU}
 BPT_COMMAND = "python -m bench.bpt books --device cuda --model DIR --books-dir DIR --out bench/results"
 BPT_CPU_COMMAND = ("python -m bench.bpt books --model DIR --books-dir DIR --book-ids 349,718 --tokens 8192 "
                    "--out bench/results/bpt/books-cpu")
@@ -62,14 +65,20 @@ ROWS = [
     Row("LoLCATs after attention transfer (CPU run)", "lolcats-cpu/lolcats-transfer-*.json", "transfer", (),
         ("total_s",), command=LOLCATS_CPU),
     Row("LoLCATs, transfer then LoRA (CPU run)", "lolcats-cpu/lolcats-lolcats-*.json", "lolcats", (), ("total_s",),
-        command=LOLCATS_CPU),
+        command=LOLCATS_CPU, passkey="lolcats"),
     # UIO-LLMs (bench/uio.py): segments of 1024 = the blocks, 32 memory tokens each; its own base W=2K reference
     Row("base, W=2K (UIO's run)", "uio-base-w2048-*.json", "base", ("score_base",), ("score_base_s",), command=UIO),
     Row("UIO, no memory (segment-local)", "uio-nomemory-*.json", "uio", **UIO_COST),
-    Row("UIO, untrained memory", "uio-untrained-*.json", "uio", **UIO_COST),
+    Row("UIO, untrained memory (the paper's form)", "uio-untrained-*.json", "uio", **UIO_COST),
     Row("UIO, trained with recent-only BPTT", "uio-recent-*.json", "uio", **UIO_COST),
     Row("UIO, trained with reservoir BPTT (unbiased)", "uio-reservoir-*.json", "uio", **UIO_COST),
     Row("UIO, trained with full BPTT", "uio-full-*.json", "uio", **UIO_COST),
+    # the same on the CPU (books 349 and 718, first 16K tokens), the fixed form: a sink, no layer-0 memory
+    Row("base, W=2K (UIO's CPU run)", "uio-cpu/fixed/uio-base-w2048-*.json", "base", ("score_base",),
+        ("score_base_s",), command=UIO_CPU),
+    Row("UIO, no memory (CPU run)", "uio-cpu/fixed/uio-nomemory-*.json", "uio", **UIO_CPU_COST),
+    Row("UIO, untrained memory, sink + no layer-0 memory (CPU run)", "uio-cpu/fixed/uio-untrained-*.json", "uio",
+        **UIO_CPU_COST, passkey="uio"),
     # bench/bpt.py books: Temp-LoRA at the replication's L_T, and at a long L_T computed blockwise; the full run
     # (four books, a GPU) and the CPU-sized one (two books, their first 8K tokens: the second table)
     Row("Temp-LoRA, W=2K, L_T=512 (bench.bpt run)", "bpt-LT512-*.json", "templora", (),
@@ -157,7 +166,10 @@ def markdown(rows: list[dict]) -> str:
             "measured. Key acc: passkey retrieval of the same method in its natural form (bench/passkey.py, "
             "bench/results/passkey): the share of probes whose true key has the highest log-likelihood among K+1 "
             "candidates (chance 1/(K+1)), pooled over its grid of lengths x depths x keys, and (in brackets) greedy "
-            "exact matches / probes; — where not run. Produced by: " + "; ".join(
+            "exact matches / probes; — where not run. The probe's haystacks are 512-2048 tokens with windows "
+            "scaled to them (W = length/2 for the base model with a short window, Temp-LoRA and BPT; the whole "
+            "text for the base model with a long window and for DCIS), so the column is the method's memory of a "
+            "fact outside (or inside) its window, not a score at the row's window; see docs/passkey.md. Produced by: " + "; ".join(
                 f"`{c}`" for c in sorted({c for r in rows for c in r["commands"]}))]
     return "\n".join(out) + "\n"
 

@@ -4,7 +4,7 @@ the whole text, beside the base model in the same run.
 
     python -m bench.lolcats --quick --model TINY --books-dir D --book-ids 1 --train-books-dir T --out O   # seconds
     python -m bench.lolcats --model DIR --books-dir DIR --train-books-dir DIR --out bench/results/lolcats-cpu \\
-        --threads 2                                                    # the CPU run of docs/lolcats.md, ~13 min
+        --threads 2                                                    # the CPU run of docs/lolcats.md, ~10 min
 
 What it does, in order; every result is written atomically when done, and a rerun skips what is done (a result
 or checkpoint made with other settings is an error, never mixed in):

@@ -51,7 +51,9 @@ from train_block import make_optimizer
 
 COMMAND = "python -m bench.uio " + shlex.join(sys.argv[1:])
 BOOK_IDS = "349,718,1684,2021"  # the replication's held-out books
-SIZES = {  # full: the H100 run (about 7 minutes with SmolLM2-135M); quick: a tiny checkpoint on a CPU
+# full: one H100 (200 steps of 32 x 1024 tokens per truncation, about 23 minutes each at the 4,200-5,100 tokens/s
+# measured there, docs/uio.md); quick: a tiny checkpoint on a CPU
+SIZES = {
     "full": dict(segment=1024, memories=32, rank=32, alpha=128.0, train_texts=200, train_segments=32, save_every=16,
                  tokens=32768, base_window=2048, scaling_tokens="8192,32768,131072", scaling_segments="2,4,8,16"),
     "quick": dict(segment=32, memories=4, rank=4, alpha=16.0, train_texts=2, train_segments=4, save_every=1,
