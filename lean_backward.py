@@ -15,7 +15,7 @@ input only for the gradient of its weight, which nobody wants. The backward here
     one random-generator state per adapter, to draw its dropout mask again (the same mask)
 
 and nothing else: about 6 (T, dim)-sized tensors per layer where autograd keeps about 27 (SmolLM2-135M at
-4,096 tokens: 1.3 GB instead of 7.3 GB; bench/step_memory.py). Keeping g and u instead of computing them
+4,096 tokens: 1,277 MiB instead of 7,331 MiB; bench/step_memory.py). Keeping g and u instead of computing them
 again would save two of the step's ~21 matmuls per layer and cost two (T, hidden) tensors per layer, as
 much again as everything else kept (docs/speed-memory.md has both measured). The forward calls the block's
 own modules, so its values are the plain forward's bit for bit; the backward is the chain rule written
@@ -72,7 +72,7 @@ TRIM_ABOVE = 256 << 20  # bytes free in the heap past which trim_heap gives them
 def trim_heap() -> None:
     """release_memory() when more than TRIM_ABOVE bytes of the heap lie free. Pages handed back are
     faulted in again when reused, so trimming after every layer would cost time; with this bound a step on
-    4,096 tokens of SmolLM2 peaks at 2.8 GB instead of 3.7 GB, for about 5% of its time
+    4,096 tokens of SmolLM2 peaks at 2,808 MiB instead of 3,680 MiB, for about 10% of its time
     (docs/speed-memory.md). Nothing where glibc's mallinfo2 is missing."""
     if _MALLINFO2 is not None and _MALLINFO2().fordblks > TRIM_ABOVE:
         release_memory()
