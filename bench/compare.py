@@ -169,7 +169,8 @@ def markdown(rows: list[dict]) -> str:
             "exact matches / probes; — where not run. The probe's haystacks are 512-2048 tokens with windows "
             "scaled to them (W = length/2 for the base model with a short window, Temp-LoRA and BPT; the whole "
             "text for the base model with a long window and for DCIS), so the column is the method's memory of a "
-            "fact outside (or inside) its window, not a score at the row's window; see docs/passkey.md. Produced by: " + "; ".join(
+            "fact outside (or inside) its window, not a score at the row's window; see docs/passkey.md. "
+            "Produced by: " + "; ".join(
                 f"`{c}`" for c in sorted({c for r in rows for c in r["commands"]}))]
     return "\n".join(out) + "\n"
 

@@ -160,7 +160,8 @@ class WindowReading:
 
 class StateReading:
     """The text as a linearised model's state holds it (methods.supra.RecurrentState: all of it, decayed;
-    methods.lolcats.LoLCATsState: all of it in S and z, the last 63 tokens exactly). Copies of the state answer, as copies of the window do."""
+    methods.lolcats.LoLCATsState: all of it in S and z, the last 63 tokens exactly). Copies of the state
+    answer, as copies of the window do."""
 
     def __init__(self, model: Transformer, state, text: list[int], n_vocab: int):
         self.model, self.state, self.text, self.n_vocab = model, state, text, n_vocab
@@ -222,7 +223,7 @@ class UIOReading:
                 raise ValueError("uio: the logits of the answer are not finite")
             new.append(int(logits.argmax()))
             offset = len(seg) + step                                 # tokens of this segment already in the cache
-            hidden = read_segment(self.model, cache, [n_ + offset for n_ in lengths], position + offset,
+            hidden = read_segment(self.model, cache, [cached + offset for cached in lengths], position + offset,
                                   self.model.tok_embeddings(torch.tensor([[new[-1]]], device=hidden.device)))
         return new
 
