@@ -12,20 +12,22 @@ input only for the gradient of its weight, which nobody wants. The backward here
     h   after the attention residual (T, dim)      -> ffn_norm(h) again, then the gate w1(.) and the
                                                       up w3(.) again: two matmuls, the one thing computed twice
     q k v out, logsumexp                            what the attention kernel keeps for its own backward
-    one random-generator state per adapter, to draw its dropout mask again (the same mask)
+    each adapter's dropout mask, 1 bit an element    the forward's own draw, eight to a byte (pack_mask)
 
 and nothing else: about 6 (T, dim)-sized tensors per layer where autograd keeps about 27 (SmolLM2-135M at
-4,096 tokens: 1,277 MiB instead of 7,331 MiB; bench/step_memory.py). Keeping g and u instead of computing them
-again would save two of the step's ~21 matmuls per layer and cost two (T, hidden) tensors per layer, as
-much again as everything else kept (docs/speed-memory.md has both measured). The forward calls the block's
-own modules, so its values are the plain forward's bit for bit; the backward is the chain rule written
-out, so the gradients equal autograd's up to the order of floating-point sums (tests/test_lean_backward.py).
-The attention backward is autograd's own: the kernel runs on leaf tensors inside a small graph of its own,
-whose backward is called by hand.
+4,096 tokens: the figures are in docs/speed-memory.md, from bench/step_memory.py). Keeping g and u instead of
+computing them again would save two of the step's ~21 matmuls per layer and cost two (T, hidden) tensors per
+layer, as much again as everything else kept (docs/speed-memory.md has both measured). The masks are kept
+rather than drawn again from a saved generator state: drawing costs more than packing and unpacking
+(about 4 ms against 0.5 ms for a (2048, 576) mask on a 2-core CPU), and packed they weigh a 32nd of the fp32
+input they multiply. The forward calls the block's own modules, so its values are the plain forward's bit
+for bit; the backward is the chain rule written out, so the gradients equal autograd's up to the order of
+floating-point sums (tests/test_lean_backward.py). The attention backward is autograd's own: the kernel
+runs on leaf tensors inside a small graph of its own, whose backward is called by hand.
 
 What the process holds is more than what is kept: glibc keeps the pages of freed blocks, and a step
 frees and allocates tensors of three sizes in turn, so the heap's holes grow layer by layer. trim_heap()
-hands them back after a layer's forward or backward whenever more than TRIM_ABOVE bytes lie free.
+hands them back after a layer's forward or backward once the freed pages held have grown by TRIM_ABOVE.
 
 Used by train_block.block_loss for every block it can serve: model.py's Attention and FeedForward, each
 linear a plain nn.Linear or a LoRALinear, nothing trainable but the adapters. Anything else (a method's
@@ -33,6 +35,8 @@ own attention, a trained norm) runs the block's own forward under autograd.
 """
 import ctypes
 import ctypes.util
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -65,17 +69,35 @@ class _MallInfo2(ctypes.Structure):  # glibc >= 2.33: struct mallinfo2, every fi
 _MALLINFO2 = getattr(_LIBC, "mallinfo2", None)
 if _MALLINFO2 is not None:
     _MALLINFO2.restype = _MallInfo2
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_HAS_STATM = os.path.exists("/proc/self/statm")
 
-TRIM_ABOVE = 256 << 20  # bytes free in the heap past which trim_heap gives them back
+TRIM_ABOVE = 256 << 20  # bytes of freed heap held resident past which trim_heap gives them back
+_held_after_trim = 0      # what trim_heap found held just after its last trim: memory malloc does not count
+
+
+def held_free() -> int:
+    """Bytes the process holds resident beyond what malloc has handed out: its anonymous resident pages
+    (/proc/self/statm) less malloc's blocks in use (mallinfo2). Mostly freed heap pages glibc keeps."""
+    with open("/proc/self/statm") as f:
+        resident, shared = (int(v) for v in f.read().split()[1:3])
+    info = _MALLINFO2()
+    return (resident - shared) * _PAGE - info.uordblks - info.hblkhd
 
 
 def trim_heap() -> None:
-    """release_memory() when more than TRIM_ABOVE bytes of the heap lie free. Pages handed back are
-    faulted in again when reused, so trimming after every layer would cost time; with this bound a step on
-    4,096 tokens of SmolLM2 peaks at 2,808 MiB instead of 3,680 MiB, for about 10% of its time
-    (docs/speed-memory.md). Nothing where glibc's mallinfo2 is missing."""
-    if _MALLINFO2 is not None and _MALLINFO2().fordblks > TRIM_ABOVE:
+    """release_memory() once the freed pages held resident have grown by TRIM_ABOVE bytes since the last
+    trim. Pages handed back are faulted in again when reused: trimming whenever much of the heap lay free
+    (free pages already handed back count there too) trimmed after nearly every layer and cost about 12% of
+    a step on 2,048 tokens; counting only what is held since the last trim, a step trims a few times.
+    The peaks with and without it are in docs/speed-memory.md. Nothing where glibc's mallinfo2 or /proc
+    is missing."""
+    global _held_after_trim
+    if _MALLINFO2 is None or not _HAS_STATM:
+        return
+    if held_free() - _held_after_trim > TRIM_ABOVE:
         release_memory()
+        _held_after_trim = held_free()
 
 
 def adapters(layer: TransformerBlock) -> list[LoRALinear]:
@@ -106,48 +128,63 @@ def lean_block(layer: TransformerBlock, x: torch.Tensor, cos: torch.Tensor, sin:
 
 # ----------------------------------------------------------------------------- the adapters
 
-def generator_of(m: LoRALinear, device: torch.device) -> torch.Generator:
-    """The stream the adapter's dropout draws from: its own, else the device's default one."""
-    if m.generator is not None:
-        return m.generator
-    return torch.default_generator if device.type == "cpu" else torch.cuda.default_generators[device.index or 0]
+def drops(m: nn.Module) -> bool:
+    """True when m is an adapter that draws a dropout mask in this forward."""
+    return isinstance(m, LoRALinear) and m.enabled and m.training and m.dropout > 0
 
 
-def draw_mask(m: LoRALinear, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-    """The dropout mask LoRALinear.forward drew for input x, drawn again from the saved generator state."""
-    g = torch.Generator(device=x.device)
-    g.set_state(state)
-    return torch.rand(x.shape, device=x.device, generator=g) >= m.dropout
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask -> its bits, eight to a byte (uint8, (ceil(numel / 8),)): an eighth of the bool tensor.
+
+    Eight mask bytes (each 0 or 1) read as one int64 v, byte j holding m_j; v * 0x0102040810204080 puts m_j
+    on bit 56 + j and nothing else on bits 56-63 (every product term has a bit of its own, no carries), so
+    v * C >> 56 is the byte sum_j m_j 2^j, in one multiply per eight elements. Little-endian byte order
+    (x86, ARM); elsewhere the bool mask is kept as it is."""
+    if sys.byteorder != "little":
+        return mask
+    flat = mask.reshape(-1).view(torch.uint8)
+    flat = torch.cat((flat, flat.new_zeros(-flat.numel() % 8)))   # pad to whole int64s
+    return ((flat.view(torch.int64) * 0x0102040810204080) >> 56).to(torch.uint8)
 
 
-def dropout_of(m: LoRALinear) -> bool:
-    return m.training and m.dropout > 0
+def unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """pack_mask's bytes -> the bool mask of `shape`: each byte copied into the eight bytes of an int64
+    (b * 0x0101010101010101), byte j then keeping only bit j (& 0x8040201008040201)."""
+    if packed.dtype == torch.bool:
+        return packed
+    spread = (packed.to(torch.int64) * 0x0101010101010101) & _SELECT_BIT_J_OF_BYTE_J
+    return spread.view(torch.uint8).ne(0)[:shape.numel()].view(shape)
 
 
-def linear_forward(m: nn.Module, x: torch.Tensor, states: dict) -> torch.Tensor:
-    """m(x), noting the generator state its dropout mask is drawn from (states[id(m)])."""
-    if isinstance(m, LoRALinear) and m.enabled and dropout_of(m):
-        states[id(m)] = generator_of(m, x.device).get_state()
-    return m(x)
+_SELECT_BIT_J_OF_BYTE_J = 0x8040201008040201 - (1 << 64)  # as a (negative) int64
 
 
-def linear_again(m: nn.Module, x: torch.Tensor, states: dict) -> torch.Tensor:
-    """m(x) once more, with the dropout mask linear_forward's call drew (from its saved generator state)."""
-    if not (isinstance(m, LoRALinear) and m.enabled and dropout_of(m)):
+def linear_forward(m: nn.Module, x: torch.Tensor, masks: dict) -> torch.Tensor:
+    """m(x), keeping its dropout mask packed (masks[id(m)]): the same draw LoRALinear.forward makes."""
+    if not drops(m):
         return m(x)
-    own, g = m.generator, torch.Generator(device=x.device)
-    g.set_state(states[id(m)])
-    m.generator = g                                                # the forward's code, the forward's mask
-    try:
-        return m(x)
-    finally:
-        m.generator = own
+    mask = m.draw_mask(x)
+    masks[id(m)] = pack_mask(mask)
+    return m(x, mask)
 
 
-def linear_backward(m: nn.Module, x: torch.Tensor, dy: torch.Tensor, states: dict, grads: dict) -> torch.Tensor:
-    """Gradient of m(x) w.r.t. x, given dy; the adapter's gradients go to grads[id(param)].
+def mask_of(m: nn.Module, x: torch.Tensor, masks: dict) -> torch.Tensor | None:
+    """The dropout mask linear_forward's call drew for input x, as 0/1 in x's dtype (None where m drops
+    nothing): multiplying by it is multiplying by the bool mask, without converting it at every use."""
+    return unpack_mask(masks[id(m)], x.shape).to(x.dtype) if drops(m) else None
 
-        y = x W^T + (x ⊙ mask) (s A)^T B^T       s = alpha / rank / (1 - p), mask regenerated
+
+def linear_again(m: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """m(x) once more, with the forward's dropout mask."""
+    return m(x) if mask is None else m(x, mask)
+
+
+def linear_backward(m: nn.Module, x: torch.Tensor, dy: torch.Tensor, mask: torch.Tensor | None,
+                    grads: dict) -> torch.Tensor:
+    """Gradient of m(x) w.r.t. x, given dy and the forward's dropout mask (None: none); the adapter's
+    gradients go to grads[id(param)].
+
+        y = x W^T + (x ⊙ mask) (s A)^T B^T       s = alpha / rank / (1 - p)
         dx = dy W + (dy B (s A)) ⊙ mask
         dB = dy^T z,  z = (x ⊙ mask)(s A)^T      dA = s · (dy B)^T (x ⊙ mask)"""
     base = m.base if isinstance(m, LoRALinear) else m
@@ -155,8 +192,7 @@ def linear_backward(m: nn.Module, x: torch.Tensor, dy: torch.Tensor, states: dic
     if not (isinstance(m, LoRALinear) and m.enabled):
         return dx
     scale = m.scale
-    if dropout_of(m):
-        mask = draw_mask(m, x, states[id(m)])
+    if mask is not None:
         x = x * mask
         scale = scale / (1.0 - m.dropout)
     a = (scale * m.lora_a).to(x.dtype)                             # (rank, in), as LoRALinear.forward
@@ -166,7 +202,7 @@ def linear_backward(m: nn.Module, x: torch.Tensor, dy: torch.Tensor, states: dic
     grads[id(m.lora_b)] = (dy2.T @ (x2 @ a.T)).float()            # (out, rank)
     grads[id(m.lora_a)] = (dz.T @ x2).float() * scale             # (rank, in)
     dx_lora = (dz @ a).view_as(dx)
-    return dx + (dx_lora * mask if dropout_of(m) else dx_lora)
+    return dx + (dx_lora if mask is None else dx_lora * mask)
 
 
 # ----------------------------------------------------------------------------- norms, SwiGLU, RoPE
@@ -195,62 +231,65 @@ class LeanBlock(torch.autograd.Function):
     def forward(ctx, layer: TransformerBlock, x, cos, sin, *params):
         attn, ff = layer.attention, layer.feed_forward
         bsz, T, _ = x.shape
-        states = {}
+        masks = {}
         # attention: the block's own modules, as Attention.forward without a cache
         xn = layer.attention_norm(x)
-        q = linear_forward(attn.wq, xn, states).view(bsz, T, attn.n_heads, attn.head_dim).transpose(1, 2)
-        k = linear_forward(attn.wk, xn, states).view(bsz, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-        v = linear_forward(attn.wv, xn, states).view(bsz, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        q = linear_forward(attn.wq, xn, masks).view(bsz, T, attn.n_heads, attn.head_dim).transpose(1, 2)
+        k = linear_forward(attn.wk, xn, masks).view(bsz, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        v = linear_forward(attn.wv, xn, masks).view(bsz, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)    # (bs, heads, T, head_dim)
         # the kernel on leaves of a graph of its own: it keeps q, k, v, out and the logsumexp, no more
         q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
         with torch.enable_grad():
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (bs, n_heads, T, d)
         o2 = out.detach().transpose(1, 2).reshape(bsz, T, attn.n_heads * attn.head_dim)
-        h = x + linear_forward(attn.wo, o2, states)
+        h = x + linear_forward(attn.wo, o2, masks)
         # feed-forward: FeedForward.forward, its parts kept apart
         hn = layer.ffn_norm(h)
-        g = linear_forward(ff.w1, hn, states)                      # (bs, T, hidden)
-        u = linear_forward(ff.w3, hn, states)
-        y = h + linear_forward(ff.w2, F.silu(g) * u, states)
-        ctx.layer, ctx.states, ctx.params = layer, states, params
+        g = linear_forward(ff.w1, hn, masks)                      # (bs, T, hidden)
+        u = linear_forward(ff.w3, hn, masks)
+        y = h + linear_forward(ff.w2, F.silu(g) * u, masks)
+        ctx.layer, ctx.params, ctx.mask_owners = layer, params, list(masks)
         ctx.attention = (q, k, v, out)
-        ctx.save_for_backward(x, cos, sin, h)                      # g and u are computed again in the backward
+        ctx.save_for_backward(x, cos, sin, h, *masks.values())     # g and u are computed again in the backward
         del xn, hn, g, u
         trim_heap()
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        layer, states = ctx.layer, ctx.states
+        layer = ctx.layer
         attn, ff = layer.attention, layer.feed_forward
-        x, cos, sin, h = ctx.saved_tensors
+        x, cos, sin, h, *packed = ctx.saved_tensors
+        masks = dict(zip(ctx.mask_owners, packed))                 # id(adapter) -> its packed dropout mask
         q, k, v, out = ctx.attention
         bsz, T, _ = x.shape
         grads = {}
         # feed-forward: y = h + w2(silu(g) * u), g = w1(hn), u = w3(hn), hn = ffn_norm(h)
         hn = layer.ffn_norm(h)
-        g, u = linear_again(ff.w1, hn, states), linear_again(ff.w3, hn, states)  # the forward's values, bit for bit
-        sg = torch.sigmoid(g)
+        m1, m3 = mask_of(ff.w1, hn, masks), mask_of(ff.w3, hn, masks)
+        g, u = linear_again(ff.w1, hn, m1), linear_again(ff.w3, hn, m3)  # the forward's values, bit for bit
         silu_g = F.silu(g)                                         # the forward's value, bit for bit
-        dp = linear_backward(ff.w2, silu_g * u, dy, states, grads)
-        dg = dp * u * (sg * (1 + g * (1 - sg)))                    # silu'(g) = σ(g) (1 + g (1 - σ(g)))
+        act = silu_g * u                                           # w2's input
+        dp = linear_backward(ff.w2, act, dy, mask_of(ff.w2, act, masks), grads)
+        dg = torch.ops.aten.silu_backward(dp * u, g)               # (dp u) silu'(g): autograd's own kernel
         du = dp * silu_g
-        dhn = linear_backward(ff.w1, hn, dg, states, grads) + linear_backward(ff.w3, hn, du, states, grads)
+        del act, g, u, silu_g, dp
+        dhn = linear_backward(ff.w1, hn, dg, m1, grads) + linear_backward(ff.w3, hn, du, m3, grads)
         dh = dy + rmsnorm_backward(layer.ffn_norm, h, dhn)
+        del hn, m1, m3, dg, du, dhn
         # attention: h = x + wo(attention(rope(wq(xn)), rope(wk(xn)), wv(xn))), xn = attention_norm(x)
         o2 = out.detach().transpose(1, 2).reshape(bsz, T, attn.n_heads * attn.head_dim)
-        do2 = linear_backward(attn.wo, o2, dh, states, grads)
+        do2 = linear_backward(attn.wo, o2, dh, mask_of(attn.wo, o2, masks), grads)
         dout = do2.view(bsz, T, attn.n_heads, attn.head_dim).transpose(1, 2)
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
-        del ctx.attention, q, k, v, out                            # the kernel's tensors go as soon as used
+        del ctx.attention, q, k, v, out, o2, do2, dout             # the kernel's tensors go as soon as used
         dq, dk = rope_backward(dq, cos, sin), rope_backward(dk, cos, sin)
         flat = lambda t: t.transpose(1, 2).reshape(bsz, T, -1)      # noqa: E731  (bs, heads, T, d) -> (bs, T, heads*d)
         xn = layer.attention_norm(x)
-        dxn = (linear_backward(attn.wq, xn, flat(dq), states, grads) + linear_backward(attn.wk, xn, flat(dk), states, grads)
-               + linear_backward(attn.wv, xn, flat(dv), states, grads))
+        dxn = sum(linear_backward(lin, xn, flat(d), mask_of(lin, xn, masks), grads)
+                  for lin, d in ((attn.wq, dq), (attn.wk, dk), (attn.wv, dv)))
         dx = dh + rmsnorm_backward(layer.attention_norm, x, dxn)
         del dxn, dh, xn, dq, dk, dv
         trim_heap()
         return (None, dx, None, None, *(grads.get(id(p)) for p in ctx.params))
-

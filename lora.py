@@ -46,7 +46,14 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5), generator=self.generator)  # as nn.Linear inits its weight
         nn.init.zeros_(self.lora_b)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in_features)
+    def draw_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """The dropout keep-mask for input x (bool, x's shape): a uniform draw compared with p makes it in
+        half the time of F.dropout's bernoulli_ on CPU (measured)."""
+        return torch.rand(x.shape, device=x.device, generator=self.generator) >= self.dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # x (..., in_features)
+        """mask: the keep-mask to use instead of drawing one (train_block's lean step keeps it for its
+        backward); only in training with dropout."""
         y = self.base(x)
         if not self.enabled:
             return y
@@ -55,10 +62,11 @@ class LoRALinear(nn.Module):
         # in float32. The scale is folded into A, the small side: (rank, in) instead of (seq, out).
         scale = self.scale
         if self.training and self.dropout > 0:
-            # inverted dropout, written out: a uniform draw compared with p makes the mask in half
-            # the time of F.dropout's bernoulli_ on CPU (measured), and 1/(1-p) joins the scale
-            x = x * (torch.rand(x.shape, device=x.device, generator=self.generator) >= self.dropout)
+            # inverted dropout, written out: 1/(1-p) joins the scale
+            x = x * (self.draw_mask(x) if mask is None else mask)
             scale = scale / (1.0 - self.dropout)
+        elif mask is not None:
+            raise ValueError("a dropout mask was given to an adapter that drops nothing (eval mode or dropout 0)")
         a = (scale * self.lora_a).to(x.dtype)
         b = self.lora_b.to(x.dtype)
         return y + (x @ a.T) @ b.T                  # (..., in) -> (..., rank) -> (..., out)

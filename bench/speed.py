@@ -11,8 +11,8 @@ What is timed (each pair alternates ours / theirs, one warm-up each, then --repe
   decode   greedy decoding, batch 1, --new-tokens tokens after a --prompt-tokens prompt, prefill included,
            eos never stops either. Ours: model.generate with a KVCache. Theirs: model.generate(do_sample=False).
   step     one Temp-LoRA adapter step on a --seq window (context + block, loss on the block only): forward,
-           backward, clip 1.0, AdamW; rank 64 on q,k,v,o,gate,up,down. Ours: train_block + make_optimizer.
-           Theirs: peft LoraConfig on LlamaForCausalLM, labels -100 on the context.
+           backward, clip 1.0, AdamW; rank 64 on q,k,v,o,gate,up,down. Ours: train_block + make_optimizer, its
+           lean step (--step-form plain: the model's forward under autograd). Theirs: peft LoraConfig on LlamaForCausalLM, labels -100 on the context.
   block    one Temp-LoRA eval block end to end: score base, score adapter, train --epochs steps. Ours:
            templora.eval_block, the block of templora.evaluate, on two fresh Windows. Theirs:
            bench/templora_hf.py (disable_adapter(), full forwards of context + block, like the official code).
@@ -32,6 +32,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ from model import KVCache, generate
 from protocol import Window, write_json
 from cli import DTYPES
 from templora import TempLoRAConfig, eval_block
-from train_block import make_optimizer, train_block
+from train_block import block_loss, make_optimizer, train_block
 
 # ratio ours / theirs wanted for each benchmark; the adapter step on the 1B model should reach half the bf16 peak
 TARGETS = {"prefill": 1.0, "decode": 1.5, "step": 1.5, "block": 2.0}
@@ -197,11 +198,16 @@ def bench_decode(ours, theirs, ids, a, log) -> dict:
     return r
 
 
+def our_loss(a: argparse.Namespace):
+    """The loss our step trains on: the lean form (the default) or the plain one (--step-form plain)."""
+    return partial(block_loss, lean=a.step_form == "lean")
+
+
 def bench_step(ours, peft_model, ids, a, log) -> dict:
     context, block = ids[: a.context], ids[a.context: a.seq]
     opt_ours, opt_theirs = make_optimizer(lora_parameters(ours), a.lr), make_optimizer_hf(peft_model, a.lr)
     def run_ours(_):
-        return train_block(ours, opt_ours, context, block, a.lr, epochs=1)
+        return train_block(ours, opt_ours, context, block, a.lr, epochs=1, loss_fn=our_loss(a))
 
     def run_theirs(_):
         return train_hf(peft_model, opt_theirs, ids, a.context, a.seq, a.context, a.lr, epochs=1)
@@ -223,7 +229,7 @@ def bench_block(ours, peft_model, ids, a, log) -> dict:
     cfg = TempLoRAConfig(delta=end - start, context=a.context, window=a.seq, keep=a.context, epochs=a.epochs)
 
     def run_ours(windows):
-        return eval_block(ours, ids, start, end, *windows, opt_ours, a.lr, cfg)
+        return eval_block(ours, ids, start, end, *windows, opt_ours, a.lr, cfg, loss_fn=our_loss(a))
 
     def run_theirs(_):
         return eval_block_hf(peft_model, opt_theirs, ids, start, end, a.context, a.lr, a.epochs)
@@ -339,6 +345,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--epochs", type=int, default=2, help="adapter steps per eval block")
+    p.add_argument("--step-form", choices=["lean", "plain"], default="lean",
+                   help="our adapter step in step and block: lean (train_block's default, lean_backward.py) or "
+                        "plain (the model's forward under autograd), to time both on one machine")
     p.add_argument("--peak-size", type=int, default=None, help="matmul size for the peak (default 4096, --quick 2048)")
     p.add_argument("--bandwidth-mib", type=int, default=None,
                    help="tensor read for the bandwidth (default 2048, --quick 512)")

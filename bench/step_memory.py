@@ -64,6 +64,8 @@ def saved_by_kind(model, ids: list[int], lean: bool) -> dict[str, int]:
         for m in reversed(stack):
             if type(m) in by_type:
                 return by_type[type(m)]
+        if t.dtype == torch.uint8:                                           # the lean step's packed masks
+            return "adapters' inputs and masks"
         if t.dim() >= 3 and t.shape[1] in (args.n_heads, args.n_kv_heads):   # q k v out (bs, heads, T, d), lse
             return "attention"
         if t.dim() == 2 and t.shape[-1] == args.head_dim:                    # RoPE cos, sin

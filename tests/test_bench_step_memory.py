@@ -20,7 +20,8 @@ def test_table_shows_the_lean_step_keeping_less_of_every_kind(tmp_path):
     (row,) = rows.values()
     plain, lean = sum(row["plain"].values()), sum(row["lean"].values())
     assert 0 < lean < 0.5 * plain
-    assert row["plain"]["adapters' inputs and masks"] > 0 and row["lean"]["adapters' inputs and masks"] == 0
+    masks = {f: row[f]["adapters' inputs and masks"] for f in ("plain", "lean")}
+    assert 0 < masks["lean"] < masks["plain"] / 16                  # only the masks, a bit an element
     assert "| lean |" in (tmp_path / "saved-tensors.md").read_text()
 
 

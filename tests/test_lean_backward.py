@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import checksums, tiny_model
-from lean_backward import lean_block
+import lean_backward
+from lean_backward import lean_block, pack_mask, unpack_mask
 from lora import add_lora, lora_parameters, lora_targets
 from model import rope_cos_sin
 from templora import TempLoRAConfig, evaluate
@@ -147,14 +148,44 @@ def test_lean_step_keeps_less_than_half_the_bytes_for_backward():
 
 
 def test_lean_step_keeps_neither_the_gate_nor_the_up():
-    """What the lean step keeps does not grow with the feed-forward's width: g and u are computed again."""
+    """What the lean step keeps grows with the feed-forward's width by the down projection's packed dropout
+    mask only (one bit per element): g and u are computed again."""
     context, block = list(range(1, 200)), list(range(200, 250))
     kept = [saved_bytes(lambda: block_loss(adapted(n_layers=4, hidden_dim=hidden)[0], context, block))
             for hidden in (96, 384)]
     plain = [saved_bytes(lambda: block_loss(adapted(n_layers=4, hidden_dim=hidden)[0], context, block, lean=False))
              for hidden in (96, 384)]
-    assert kept[0] == kept[1], kept
-    assert plain[1] > plain[0]                                     # where autograd keeps them, they show
+    tokens = len(context) + len(block) - 1
+    assert kept[1] - kept[0] == 4 * tokens * (384 - 96) // 8, kept
+    assert plain[1] - plain[0] > 8 * (kept[1] - kept[0])            # where autograd keeps them, they show
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 13), (1, 29, 72), (2, 5, 100), (1, 8, 8)])
+def test_packed_masks_unpack_to_the_same_masks(shape):
+    torch.manual_seed(sum(shape))
+    for p in (0.05, 0.5, 0.95):
+        mask = torch.rand(shape) >= p
+        packed = pack_mask(mask)
+        assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+        assert torch.equal(unpack_mask(packed, mask.shape), mask)
+    assert torch.equal(unpack_mask(pack_mask(torch.ones(shape, dtype=torch.bool)), torch.Size(shape)),
+                       torch.ones(shape, dtype=torch.bool))
+
+
+def test_trim_heap_trims_once_the_held_pages_have_grown_by_the_bound(monkeypatch):
+    held, trims = [1000], []
+    monkeypatch.setattr(lean_backward, "held_free", lambda: held[0])
+    monkeypatch.setattr(lean_backward, "release_memory", lambda: (trims.append(held[0]), held.__setitem__(0, 100)))
+    monkeypatch.setattr(lean_backward, "TRIM_ABOVE", 500)
+    monkeypatch.setattr(lean_backward, "_held_after_trim", 0)
+    lean_backward.trim_heap()                                      # 1000 held, 0 after the last trim: trim
+    assert trims == [1000] and lean_backward._held_after_trim == 100
+    held[0] = 550
+    lean_backward.trim_heap()                                      # grown by 450 only
+    assert trims == [1000]
+    held[0] = 650
+    lean_backward.trim_heap()                                      # grown by 550
+    assert trims == [1000, 650]
 
 
 def test_evaluate_gives_the_same_perplexities_and_leaves_the_base_weights_alone():

@@ -130,3 +130,20 @@ def test_adapter_dropout_is_inverted_dropout():
     # one sample's delta comes from its kept inputs: compare the mean, which dropout must preserve
     torch.testing.assert_close(delta_train.mean(0), delta_eval, rtol=0.02, atol=1e-3)
     assert delta_train.std(0).min() > 0  # and it really is random per sample
+
+
+def test_a_given_dropout_mask_is_the_one_the_adapter_would_draw():
+    m = LoRALinear(torch.nn.Linear(9, 5, bias=False), rank=3, alpha=6, dropout=0.2,
+                   generator=torch.Generator().manual_seed(0))
+    torch.nn.init.normal_(m.lora_b)
+    x = torch.randn(2, 7, 9)
+    m.train()
+    m.generator.manual_seed(4)
+    mask = m.draw_mask(x)
+    assert mask.dtype == torch.bool and mask.shape == x.shape and 0 < mask.sum() < mask.numel()
+    m.generator.manual_seed(4)
+    assert torch.equal(m(x, mask), m(x))                       # the same draw, the same output
+    assert not torch.equal(m(x, torch.ones_like(mask)), m(x, mask))
+    m.eval()
+    with pytest.raises(ValueError, match="drops nothing"):
+        m(x, mask)
