@@ -133,6 +133,9 @@ def drops(m: nn.Module) -> bool:
     return isinstance(m, LoRALinear) and m.enabled and m.training and m.dropout > 0
 
 
+_SELECT_BIT_J_OF_BYTE_J = 0x8040201008040201 - (1 << 64)  # as a (negative) int64
+
+
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """A bool mask -> its bits, eight to a byte (uint8, (ceil(numel / 8),)): an eighth of the bool tensor.
 
@@ -154,9 +157,6 @@ def unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         return packed
     spread = (packed.to(torch.int64) * 0x0101010101010101) & _SELECT_BIT_J_OF_BYTE_J
     return spread.view(torch.uint8).ne(0)[:shape.numel()].view(shape)
-
-
-_SELECT_BIT_J_OF_BYTE_J = 0x8040201008040201 - (1 << 64)  # as a (negative) int64
 
 
 def linear_forward(m: nn.Module, x: torch.Tensor, masks: dict) -> torch.Tensor:

@@ -39,6 +39,13 @@ LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num
                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
 
 
+def path_label(path) -> str:
+    """A folder as results record it: relative to the repository when inside it, else its name alone (a
+    result must not depend on where the machine that made it kept its files)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else p.name
+
+
 def model_label(model_dir) -> str:
     return MODEL_LABEL if "smollm2" in Path(model_dir).name.lower() else Path(model_dir).name
 

@@ -57,8 +57,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import (EVAL_BOOKS, MODEL_DIR, REPLICATION, REPO, RESULTS, TRAIN_BOOKS, model_label, require_books,
-                          require_model, stored)
+from bench.common import (EVAL_BOOKS, MODEL_DIR, REPLICATION, RESULTS, TRAIN_BOOKS, model_label, path_label,
+                          require_books, require_model, stored)
 from bench.uio import book_paths, first_tokens
 from lora import lora_disabled, lora_parameters, remove_lora
 from model import Transformer, generate
@@ -358,13 +358,6 @@ def weights_digest(model: Transformer) -> str:
 
 
 # ----------------------------------------------------------------------------- the grid
-
-def path_label(path) -> str:
-    """A folder as results record it: relative to the repository when inside it, else its name alone (a
-    result must not depend on where the machine that made it kept its files)."""
-    p = Path(path).resolve()
-    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else p.name
-
 
 def probe_path(out: Path, method: str, length: int, depth: float, key_index: int) -> Path:
     return out / f"{method}-L{length}-d{round(100 * depth):03d}-k{key_index}.json"

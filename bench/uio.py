@@ -30,6 +30,7 @@ attention sink) and no layer-0 memory; --no-sink and --layer0-memory give the pa
 import argparse
 import json
 import math
+import os
 import random
 import shlex
 import sys
@@ -40,7 +41,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
-from bench.common import EVAL_BOOKS, MODEL_DIR, RESULTS, TRAIN_BOOKS, model_label, require_books, require_model, stored
+from bench.common import (EVAL_BOOKS, MODEL_DIR, RESULTS, TRAIN_BOOKS, model_label, path_label, require_books,
+                          require_model, stored)
 from bench.compare import BUCKETS
 from bench.flops import FlopCounter, uio_flops
 from load_llama import load_llama
@@ -49,7 +51,8 @@ from protocol import Window, evaluate_blocks, perplexity, score_block, write_tex
 from cli import DTYPES
 from train_block import make_optimizer
 
-COMMAND = "python -m bench.uio " + shlex.join(sys.argv[1:])
+# the command as results record it: absolute paths by path_label, so a result does not depend on the machine
+COMMAND = "python -m bench.uio " + shlex.join(path_label(x) if os.path.isabs(x) else x for x in sys.argv[1:])
 BOOK_IDS = "349,718,1684,2021"  # the replication's held-out books
 # full: one H100 (200 steps of 32 x 1024 tokens per truncation, about 23 minutes each at the 4,200-5,100 tokens/s
 # measured there, docs/uio.md); quick: a tiny checkpoint on a CPU
@@ -200,7 +203,7 @@ def train_settings(a: argparse.Namespace, variant: str) -> dict:
     return {"uio": asdict(uio_config(a, variant)), "texts": a.train_texts, "segments": a.train_segments,
             "lr": a.lr, "betas": list(a.betas), "weight_decay": a.weight_decay, "clip": a.clip,
             "schedule": "linear warm-up over 1% of the steps from lr/steps, then cosine to 0 at the last step",
-            "train_books_dir": str(Path(a.train_books_dir).resolve()), "model": str(Path(a.model).resolve()),
+            "train_books_dir": path_label(a.train_books_dir), "model": path_label(a.model),
             "dtype": a.dtype}
 
 
@@ -301,7 +304,7 @@ def eval_settings(a: argparse.Namespace, variant: str, tokens: int, training: di
     else:
         config = asdict(uio_config(a, variant if variant in BPTT_MODES else "reservoir")) | {
             "delta": a.segment, "memory": variant != "nomemory", "training": training and training["settings"]}
-    return {"variant": variant, "config": config, "model": str(Path(a.model).resolve()), "dtype": a.dtype,
+    return {"variant": variant, "config": config, "model": path_label(a.model), "dtype": a.dtype,
             "device": a.device, "text_tokens": tokens + 1}
 
 
@@ -470,7 +473,7 @@ def run(a: argparse.Namespace) -> None:
     settings = {"scaling_tokens": a.scaling_tokens, "scaling_segments": a.scaling_segments, "book": a.book_ids[0],
                 "config": asdict(uio_config(a)) | {"base_window": a.base_window, "training": {
                     v: t["settings"] for v, t in trained.items()}},
-                "model": str(Path(a.model).resolve()), "dtype": a.dtype, "device": a.device}
+                "model": path_label(a.model), "dtype": a.dtype, "device": a.device}
     if (a.scaling_tokens or a.scaling_segments) and stored(path, settings) is None:
         write_json(path, settings | scaling(a, model, books[a.book_ids[0]], scaling_text, trained)
                    | {"command": COMMAND, "model_label": label})
