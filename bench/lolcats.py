@@ -163,9 +163,11 @@ def train_phase(a: argparse.Namespace, index: int, model, seqs: torch.Tensor, de
     for step in range(first, steps[index]):
         tic = time.perf_counter()
         batch = seqs[offset + step * a.batch: offset + (step + 1) * a.batch].to(device)
-        loss = (lolcats.attention_transfer_loss(model, batch) if phase.loss == "attention_transfer"
-                else next_token_loss(model, batch))
-        loss.backward()
+        if phase.loss == "attention_transfer":  # back-propagated layer by layer as it goes
+            loss = lolcats.attention_transfer_loss(model, batch, backward=True)
+        else:
+            loss = next_token_loss(model, batch)
+            loss.backward()
         # max_grad_norm None (LoLCATs: both phases): the norm is measured, never clipped
         grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), phase.max_grad_norm or math.inf)
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):

@@ -276,11 +276,13 @@ def phase_parameters(model: Transformer, phase: Phase) -> dict[str, nn.Parameter
     return {n: p for n, p in model.named_parameters() if id(p) in ids}
 
 
-def attention_transfer_loss(model: Transformer, seqs: torch.Tensor) -> torch.Tensor:
+def attention_transfer_loss(model: Transformer, seqs: torch.Tensor, backward: bool = False) -> torch.Tensor:
     """Run the softmax model layer by layer; in each layer the linear-window heads read the same q, k, v as the
     softmax heads, and the loss is MSE_FACTOR x the mean over layers of the MSE between the two (before W_o).
     The softmax output flows on, so each layer learns on the hidden states of the pretrained model and no
-    gradient crosses from layer to layer."""
+    gradient crosses from layer to layer. That is why `backward=True` may back-propagate each layer's term as
+    soon as it is computed, holding one layer's graph instead of all of them (the same gradients; what makes
+    long training sequences fit); it then returns the loss detached."""
     tokens = seqs[:, :-1]
     cos, sin = rope_cos_sin(model.args, 0, tokens.shape[1], tokens.device)
     with torch.no_grad():
@@ -292,11 +294,15 @@ def attention_transfer_loss(model: Transformer, seqs: torch.Tensor) -> torch.Ten
             q, k, v = attention.qkv(layer.attention_norm(h), cos, sin)
             target = softmax_heads(q, k, v)                                           # (bs, n_heads, T, d)
         predicted, _ = attention.heads(q, k, v)
-        loss = loss + F.mse_loss(predicted, target.float())
+        term = MSE_FACTOR * F.mse_loss(predicted, target.float()) / len(model.layers)
+        if backward:
+            term.backward()
+            term = term.detach()
+        loss = loss + term
         with torch.no_grad():  # TransformerBlock.forward, with the softmax attention
             h = h + attention.wo(target.transpose(1, 2).flatten(2))
             h = h + layer.feed_forward(layer.ffn_norm(h))
-    return MSE_FACTOR * loss / len(model.layers)
+    return loss
 
 
 # ----------------------------------------------------------------------------- building and reloading

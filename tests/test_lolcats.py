@@ -219,6 +219,25 @@ def test_attention_transfer_then_lora_lower_the_held_out_next_token_loss_and_tra
                      for m in ("feature_map_q.weight", "feature_map_k.weight", "window_factor")}
 
 
+def test_the_transfer_back_propagated_layer_by_layer_gives_the_loss_and_gradients_of_one_backward():
+    model = _linearised(seed=3, chunk=5, window=4, **NINE_HEADS_GQA)
+    params = [p for n, p in model.named_parameters() if "feature_map" in n or "window_factor" in n]
+    for p in params:
+        p.requires_grad_(True)
+    seqs = torch.randint(0, model.args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    whole = lolcats.attention_transfer_loss(model, seqs)
+    whole.backward()
+    grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    layered = lolcats.attention_transfer_loss(model, seqs, backward=True)
+    assert not layered.requires_grad and whole.item() > 0
+    torch.testing.assert_close(layered, whole.detach(), rtol=1e-6, atol=0)
+    for p, g in zip(params, grads):
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-9)
+
+
 def test_a_saved_lolcats_model_reloads_with_the_same_logits(ckpt, tmp_path):
     model = lolcats.build(ckpt, "cpu", torch.float32, window=8, feature_dim=4, chunk=8, seed=3)
     names = [n for n, _ in model.named_parameters() if "feature_map" in n or "lora" in n or "window_factor" in n]
