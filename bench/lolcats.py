@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import EVAL_BOOKS, MODEL_DIR, TRAIN_BOOKS, model_label, require_books, require_model, stored
+from bench.common import (EVAL_BOOKS, MODEL_DIR, TRAIN_BOOKS, model_label, path_label, require_books, require_model,
+                          stored)
 from bench.supra import read_books, training_sequences
 from load_llama import load_model, load_tokenizer, read_json
 from methods import lolcats
@@ -107,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def settings(a: argparse.Namespace) -> dict:
     """What a checkpoint must have been made with to be resumed or used."""
-    return {"base_model": str(Path(a.model).resolve()), "train_books_dir": str(Path(a.train_books_dir).resolve()),
+    return {"base_model": str(Path(a.model).resolve()), "train_books_dir": path_label(a.train_books_dir),
             **{k: getattr(a, k) for k in ("transfer_steps", "lora_steps", "seq_len", "batch", "window",
                                           "feature_dim", "chunk", "seed")}}
 
