@@ -45,6 +45,8 @@ BPT_CPU_COMMAND = ("python -m bench.bpt books --model DIR --books-dir DIR --book
                    "--out bench/results/bpt/books-cpu")
 DCIS_COMMAND = "python -m bench.dcis --device cuda --out bench/results/dcis"
 LOLCATS_CPU = "python -m bench.lolcats --model DIR --books-dir DIR --train-books-dir DIR --out bench/results/lolcats-cpu"
+LOLCATS_CPU_8K = ("python -m bench.lolcats --model DIR --books-dir DIR --train-books-dir DIR --seq-len 8192 "
+                  "--transfer-steps 36 --lora-steps 0 --out bench/results/lolcats-cpu-len8192")
 
 ROWS = [
     Row("base, W=2K", "main-*.json", "base", ("score_base",), ("score_base_s",), passkey="base-short"),
@@ -66,6 +68,8 @@ ROWS = [
         ("total_s",), command=LOLCATS_CPU),
     Row("LoLCATs, transfer then LoRA (CPU run)", "lolcats-cpu/lolcats-lolcats-*.json", "lolcats", (), ("total_s",),
         command=LOLCATS_CPU, passkey="lolcats"),
+    Row("LoLCATs after attention transfer at 8K tokens a sequence (CPU run)",
+        "lolcats-cpu-len8192/lolcats-transfer-*.json", "transfer", (), ("total_s",), command=LOLCATS_CPU_8K),
     # UIO-LLMs (bench/uio.py): segments of 1024 = the blocks, 32 memory tokens each; its own base W=2K reference
     Row("base, W=2K (UIO's run)", "uio-base-w2048-*.json", "base", ("score_base",), ("score_base_s",), command=UIO),
     Row("UIO, no memory (segment-local)", "uio-nomemory-*.json", "uio", **UIO_COST),
