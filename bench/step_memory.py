@@ -19,10 +19,13 @@ peak   each point in a fresh process (peak RSS is a high-water mark): one adapte
        (Δ = N/4, L_T = 3N/4, W = N, L_x = N/2), lean and plain. On the CPU the child's own ru_maxrss; on a
        GPU torch.cuda.max_memory_allocated. One JSON per point, written when it completes; a finished point
        is skipped, one with other settings refused; the table and plot show every point stored in --out.
+       --dtype bfloat16 runs every point with bf16 weights and activations (the adapter stays fp32);
+       --steps S takes S steps and reports the median of all but the first (default 2: the second).
 """
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -32,6 +35,7 @@ from pathlib import Path
 import torch
 
 from bench.common import BOOK, LLAMA_1B, MODEL_DIR, REPO, RESULTS, require_books, require_model
+from cli import DTYPES
 from protocol import write_json, write_text_atomic
 
 KINDS = ("logits and loss", "norms", "attention", "feed-forward", "adapters' inputs and masks", "other")
@@ -180,11 +184,11 @@ def one(a) -> dict:
     torch.set_num_threads(a.threads)
     n = a.point_tokens
     if a.quick:
-        model, ids = tiny(a), [(7 * i + 3) % 300 for i in range(n + 1)]
+        model, ids = tiny(a).to(DTYPES[a.dtype]), [(7 * i + 3) % 300 for i in range(n + 1)]
     elif a.impl.startswith("peft"):
         model, ids = None, None
     else:
-        model, tok = load_llama(a.model, a.device, torch.float32)
+        model, tok = load_llama(a.model, a.device, DTYPES[a.dtype])
         ids = tok.encode(Path(a.text).read_text(encoding="utf-8")[: 8 * (n + 1)], bos=True)[: n + 1]
         if len(ids) < n + 1:
             raise SystemExit(f"--text {a.text}: fewer than {n + 1} tokens")
@@ -202,11 +206,16 @@ def one(a) -> dict:
     opt = make_optimizer(lora_parameters(model), lr=1e-4)
     loss_fn = block_loss if a.impl == "lean" else _partial(block_loss, lean=False)
     times, losses = [], []
-    for _ in range(2):
+    for _ in range(a.steps):
         t = time.perf_counter()
         losses += train_block(model, opt, ids[:context], ids[context:n], 1e-4, epochs=1, loss_fn=loss_fn)
         times.append(time.perf_counter() - t)
-    return {"step_s": times[-1], "first_step_s": times[0], "losses": losses}
+    return step_times(times) | {"losses": losses}
+
+
+def step_times(times: list[float]) -> dict:
+    """The first step (first-call allocations, kernel choice) apart; step_s the median of the others."""
+    return {"step_s": statistics.median(times[1:]), "first_step_s": times[0], "step_times_s": times[1:]}
 
 
 def one_peft(a, n: int, context: int) -> dict:
@@ -216,25 +225,25 @@ def one_peft(a, n: int, context: int) -> dict:
     from load_llama import load_tokenizer, read_json
     tok = load_tokenizer(Path(a.model), read_json(Path(a.model) / "config.json"))
     ids = tok.encode(Path(a.text).read_text(encoding="utf-8")[: 8 * (n + 1)], bos=True)[:n]
-    model = LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32).to(a.device)
+    model = LlamaForCausalLM.from_pretrained(a.model, dtype=DTYPES[a.dtype]).to(a.device)
     if a.impl == "peft-gc":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     peft_model = add_peft_lora(model, RANK, float(RANK), DROPOUT)
     opt = make_optimizer_hf(peft_model, 1e-4)
     times, losses = [], []
-    for _ in range(2):
+    for _ in range(a.steps):
         t = time.perf_counter()
         losses += train_hf(peft_model, opt, ids, context, n, context, 1e-4, epochs=1)
         times.append(time.perf_counter() - t)
-    return {"step_s": times[-1], "first_step_s": times[0], "losses": losses}
+    return step_times(times) | {"losses": losses}
 
 
 # ----------------------------------------------------------------------------- the sweep
 
 def settings(a) -> dict:
     return {"model": Path(a.model).name, "text": Path(a.text).name, "threads": a.threads, "device": a.device, "rank": RANK,
-            "dropout": DROPOUT, "dtype": "float32", "quick": a.quick}
+            "dropout": DROPOUT, "dtype": a.dtype, "quick": a.quick}
 
 
 def peak(a, log) -> dict:
@@ -255,7 +264,8 @@ def peak(a, log) -> dict:
             continue
         cmd = [sys.executable, "-m", "bench.step_memory", "one", "--what", what, "--impl", impl,
                "--point-tokens", str(n), "--model", str(a.model), "--text", str(a.text), "--threads",
-               str(a.threads), "--device", a.device] + (["--quick"] if a.quick else [])
+               str(a.threads), "--device", a.device, "--dtype", a.dtype, "--steps", str(a.steps)] + \
+            (["--quick"] if a.quick else [])
         log(f"{path.stem}")
         child = run_child(cmd, log)
         r = json.loads(child["output_tail"])
@@ -319,6 +329,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(RESULTS / "step-memory"))
     p.add_argument("--quick", action="store_true", help="a tiny random model, seconds")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="peak: weights and activations")
+    p.add_argument("--steps", type=int, default=2, help="peak: steps per point, the first untimed (at least 2)")
     p.add_argument("--what", choices=["step", "eval"], default="step", help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=IMPLS, default="lean", help=argparse.SUPPRESS)
     p.add_argument("--point-tokens", type=int, default=0, help=argparse.SUPPRESS)
@@ -334,6 +346,10 @@ def parse_args(argv=None):
         a.impls = [x for x in a.impls if not x.startswith("peft")]
     if any(n < 8 or n % 4 for n in a.tokens + a.eval_tokens + a.llama1b_tokens):
         p.error("--tokens, --eval-tokens, --llama1b-tokens: multiples of 4, at least 8")
+    if a.steps < 2:
+        p.error("--steps: at least 2 (the first is not timed)")
+    if a.command == "table" and a.dtype != "float32":
+        p.error("--dtype: the table counts float32 bytes; bfloat16 is for peak")
     if a.device != "cpu" and a.command == "peak":
         p.error("--device: the peak sweep measures CPU RSS; run `table` or bench.speed on a GPU")
     return a

@@ -48,3 +48,19 @@ def test_peak_sweep_runs_resumes_and_refuses_other_settings(tmp_path):
 def test_unknown_implementation_is_one_line_exit_2(tmp_path):
     r = run("peak", "--quick", "--impls", "lean,fast", "--out", str(tmp_path))
     assert r.returncode == 2 and "--impls" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_peak_in_bf16_with_more_steps_reports_the_median_of_all_but_the_first(tmp_path):
+    r = run("peak", "--quick", "--dtype", "bfloat16", "--steps", "4", "--impls", "lean", "--eval-tokens=",
+            "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    step = json.loads((tmp_path / "step-lean-96.json").read_text())
+    assert step["settings"]["dtype"] == "bfloat16" and len(step["step_times_s"]) == 3
+    assert step["step_s"] == sorted(step["step_times_s"])[1] and step["first_step_s"] > 0
+    assert len(step["losses"]) == 4 and all(x == x for x in step["losses"])     # four steps, no NaN
+
+
+def test_one_step_or_a_bf16_table_is_one_line_exit_2(tmp_path):
+    for argv, flag in ((("peak", "--steps", "1"), "--steps"), (("table", "--dtype", "bfloat16"), "--dtype")):
+        r = run(*argv, "--quick", "--out", str(tmp_path))
+        assert r.returncode == 2 and flag in r.stderr and "Traceback" not in r.stderr
