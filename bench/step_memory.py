@@ -243,7 +243,8 @@ def one_peft(a, n: int, context: int) -> dict:
 
 def settings(a) -> dict:
     return {"model": Path(a.model).name, "text": Path(a.text).name, "threads": a.threads, "device": a.device, "rank": RANK,
-            "dropout": DROPOUT, "dtype": a.dtype, "quick": a.quick}
+            "dropout": DROPOUT, "dtype": a.dtype, "quick": a.quick} | \
+        ({"steps": a.steps} if a.steps != 2 else {})  # points stored before --steps took 2 steps and say nothing
 
 
 def peak(a, log) -> dict:

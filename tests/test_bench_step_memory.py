@@ -58,6 +58,9 @@ def test_peak_in_bf16_with_more_steps_reports_the_median_of_all_but_the_first(tm
     assert step["settings"]["dtype"] == "bfloat16" and len(step["step_times_s"]) == 3
     assert step["step_s"] == sorted(step["step_times_s"])[1] and step["first_step_s"] > 0
     assert len(step["losses"]) == 4 and all(x == x for x in step["losses"])     # four steps, no NaN
+    other = run("peak", "--quick", "--dtype", "bfloat16", "--steps", "3", "--impls", "lean", "--eval-tokens=",
+                "--out", str(tmp_path))
+    assert other.returncode != 0 and "other settings" in other.stderr
 
 
 def test_one_step_or_a_bf16_table_is_one_line_exit_2(tmp_path):
