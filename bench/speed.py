@@ -12,7 +12,8 @@ What is timed (each pair alternates ours / theirs, one warm-up each, then --repe
            eos never stops either. Ours: model.generate with a KVCache. Theirs: model.generate(do_sample=False).
   step     one Temp-LoRA adapter step on a --seq window (context + block, loss on the block only): forward,
            backward, clip 1.0, AdamW; rank 64 on q,k,v,o,gate,up,down. Ours: train_block + make_optimizer, its
-           lean step (--step-form plain: the model's forward under autograd). Theirs: peft LoraConfig on LlamaForCausalLM, labels -100 on the context.
+           lean step (--step-form plain: the model's forward under autograd). Theirs: peft LoraConfig on
+           LlamaForCausalLM, labels -100 on the context.
   block    one Temp-LoRA eval block end to end: score base, score adapter, train --epochs steps. Ours:
            templora.eval_block, the block of templora.evaluate, on two fresh Windows. Theirs:
            bench/templora_hf.py (disable_adapter(), full forwards of context + block, like the official code).

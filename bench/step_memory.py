@@ -242,9 +242,11 @@ def one_peft(a, n: int, context: int) -> dict:
 # ----------------------------------------------------------------------------- the sweep
 
 def settings(a) -> dict:
-    return {"model": Path(a.model).name, "text": Path(a.text).name, "threads": a.threads, "device": a.device, "rank": RANK,
-            "dropout": DROPOUT, "dtype": a.dtype, "quick": a.quick} | \
-        ({"steps": a.steps} if a.steps != 2 else {})  # points stored before --steps took 2 steps and say nothing
+    s = {"model": Path(a.model).name, "text": Path(a.text).name, "threads": a.threads, "device": a.device,
+         "rank": RANK, "dropout": DROPOUT, "dtype": a.dtype, "quick": a.quick}
+    if a.steps != 2:  # points stored before --steps existed took 2 steps and do not say so
+        s["steps"] = a.steps
+    return s
 
 
 def peak(a, log) -> dict:
