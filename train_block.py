@@ -40,9 +40,9 @@ class HeadLoss(torch.autograd.Function):
             t = targets[s:s + rows]
             lse = logits.logsumexp(-1)                            # (rows,)
             total += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
-            p = (logits - lse[:, None]).exp_()                     # softmax
+            p = logits.sub_(lse[:, None]).exp_()                   # softmax, in the logits' own memory
             p[torch.arange(len(t), device=t.device), t] -= 1.0
-            dh[s:s + rows] = (p / n).to(h.dtype) @ weight
+            dh[s:s + rows] = p.div_(n).to(h.dtype) @ weight
         ctx.save_for_backward(dh)
         return total / n
 

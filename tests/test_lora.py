@@ -132,6 +132,35 @@ def test_adapter_dropout_is_inverted_dropout():
     assert delta_train.std(0).min() > 0  # and it really is random per sample
 
 
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_the_dropout_mask_keeps_each_input_with_probability_one_minus_p(p):
+    m = LoRALinear(torch.nn.Linear(8, 4, bias=False), rank=2, alpha=2, dropout=p,
+                   generator=torch.Generator().manual_seed(1))
+    x = torch.empty(999, 1001)                                     # odd sizes: the last 64-bit draw is half used
+    keep = m.draw_mask(x)
+    assert keep.dtype == torch.bool and keep.shape == x.shape
+    flat = keep.reshape(-1).double()
+    # all, and each half of the 64-bit draws (even and odd positions), within 5 standard deviations of 1 - p
+    for part in (flat, flat[0::2], flat[1::2]):
+        sd = ((1 - p) * p / part.numel()) ** 0.5
+        assert abs(part.mean().item() - (1 - p)) < 5 * sd
+    # neighbours are independent: P(both kept) = (1 - p)^2
+    both = (flat[:-1] * flat[1:]).mean().item()
+    assert abs(both - (1 - p) ** 2) < 5 * ((1 - p) ** 2 * (1 - (1 - p) ** 2) / flat.numel()) ** 0.5
+    assert not torch.equal(m.draw_mask(x), keep)                  # the next draw is another one
+
+
+def test_dropout_p_is_kept_to_two_to_the_minus_32_and_checked():
+    x = torch.empty(100_000)
+    drop_all_but = LoRALinear(torch.nn.Linear(8, 4, bias=False), 2, 2, dropout=1 - 2 ** -40)
+    assert not drop_all_but.draw_mask(x).any()                    # P(keep) = 2^-32
+    tiny = LoRALinear(torch.nn.Linear(8, 4, bias=False), 2, 2, dropout=2 ** -40)
+    assert tiny.draw_mask(x).all()                                # floor(2^-40 * 2^32) = 0: nothing dropped
+    for p in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+            LoRALinear(torch.nn.Linear(8, 4, bias=False), 2, 2, dropout=p)
+
+
 def test_a_given_dropout_mask_is_the_one_the_adapter_would_draw():
     m = LoRALinear(torch.nn.Linear(9, 5, bias=False), rank=3, alpha=6, dropout=0.2,
                    generator=torch.Generator().manual_seed(0))
