@@ -1,8 +1,14 @@
 """Speed of templora against transformers (+ peft for the adapter), the stack of the official Temp-LoRA code:
-same model, dtype, tokens and thread count, in the same process; and against this machine's matmul peak.
-Dev dependencies (requirements-dev.txt).
+same model, dtype, tokens and thread count, each stack in a process of its own, timed in turns; and against
+this machine's matmul peak. Dev dependencies (requirements-dev.txt).
 
-    python -m bench.speed [--model smollm2|llama1b|both] [--repeats 5] [--quick] [--out bench/results/speed.json]
+    python -m bench.speed [--model smollm2|llama1b|both] [--repeats 5] [--quick] [--one-process]
+                          [--out bench/results/speed.json]
+
+Each stack (ours, theirs) is loaded by a spawned process of its own, and the benchmarks alternate between the
+two processes: each allocates and frees in its own heap, as it would run alone, with its peak RSS reported.
+--one-process loads both here (how the results with no "processes" key were timed): a step then starts in a heap the other stack has just freed, and whoever hands freed pages back to the system
+(train_block's malloc_trim) makes the other fault them in again, so the ratios depend on the order.
 
 What is timed (each pair alternates ours / theirs, one warm-up each, then --repeats runs; medians):
   prefill  a no-grad forward of --seq tokens that fills a KV cache, logits of the last position only
@@ -26,11 +32,14 @@ once per run to a temporary directory with save_pretrained (bf16) and loaded by 
 """
 import argparse
 import gc
+import multiprocessing
 import platform
+import resource
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from dataclasses import asdict
 from functools import partial
@@ -43,11 +52,15 @@ from bench.flops import prefill_flops, step_flops
 from bench.templora_hf import add_peft_lora, eval_block_hf, make_optimizer_hf, train_hf
 from load_llama import load_model, load_tokenizer, read_json
 from lora import add_lora, lora_parameters, remove_lora
-from model import KVCache, generate
+from model import KVCache, ModelArgs, generate
 from protocol import Window, write_json
 from cli import DTYPES
 from templora import TempLoRAConfig, eval_block
 from train_block import block_loss, make_optimizer, train_block
+
+# --model tiny: the 1B's layout at a size the tests run in seconds
+TINY = LLAMA_1B | dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2)
 
 # ratio ours / theirs wanted for each benchmark; the adapter step on the 1B model should reach half the bf16 peak
 TARGETS = {"prefill": 1.0, "decode": 1.5, "step": 1.5, "block": 2.0}
@@ -70,19 +83,18 @@ def timed(run, setup=None) -> tuple[float, object]:
     return time.perf_counter() - t, out
 
 
-def alternate(ours: tuple, theirs: tuple, repeats: int, log) -> dict:
-    """Time ours and theirs ((run, setup) pairs) in turns: one warm-up each (first-call allocations,
-    oneDNN kernel selection), then `repeats` rounds with the order swapped every round so that
-    drift (other load, clocks) falls on both alike."""
+def alternate(stacks: dict, bench: str, repeats: int, log) -> dict:
+    """Time stacks["ours"] and stacks["theirs"] on one benchmark in turns: one warm-up each (first-call
+    allocations, oneDNN kernel selection), then `repeats` rounds with the order swapped every round so
+    that drift (other load, clocks) falls on both alike."""
     times = {"ours": [], "theirs": []}
     outs = {}
-    pair = {"ours": ours, "theirs": theirs}
     for name in ("ours", "theirs"):
-        secs, outs[name] = timed(*pair[name])
+        secs, outs[name] = stacks[name].run(bench)
         log(f"    warm-up {name}: {secs:.3f}s")
     for r in range(repeats):
         for name in (("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")):
-            secs, outs[name] = timed(*pair[name])
+            secs, outs[name] = stacks[name].run(bench)
             times[name].append(secs)
         log(f"    round {r + 1}/{repeats}: ours {times['ours'][-1]:.3f}s  theirs {times['theirs'][-1]:.3f}s")
     return {"ours_s": times["ours"], "theirs_s": times["theirs"],
@@ -107,12 +119,10 @@ def read_bandwidth(nbytes: int, repeats: int) -> dict:
     return {"bytes": nbytes, "best_s": best, "bytes_per_s": nbytes / best}
 
 
-# ----------------------------------------------------------------------------- models
+# ----------------------------------------------------------------------------- the two stacks
 
-def load_pair(name: str, a: argparse.Namespace, tmp: str, log):
-    """(ours, theirs, token ids, description) for one model, both loaded from the same directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    dtype = DTYPES[a.dtype]
+def prepare(name: str, a: argparse.Namespace, tmp: str, log) -> tuple[Path, list[int], str]:
+    """(checkpoint directory, token ids, description) of one model, which both stacks load."""
     n_ids = max(a.seq, a.prompt_tokens)
     if name == "smollm2":
         ckpt = Path(a.smollm2_dir)
@@ -121,156 +131,240 @@ def load_pair(name: str, a: argparse.Namespace, tmp: str, log):
         ids = tok.encode(text, bos=True)[:n_ids]
         if len(ids) < n_ids:
             raise ValueError(f"{a.book}: only {len(ids)} tokens, {n_ids} needed")
-        what = f"SmolLM2-135M-Instruct ({ckpt}), tokens of {Path(a.book).name}"
-    else:
-        cfg = LlamaConfig(**(LLAMA_1B | {"num_hidden_layers": a.llama1b_layers}))
-        ckpt = Path(tmp) / "llama1b-random"
-        t = time.perf_counter()
-        torch.manual_seed(0)
-        # HF's own init (normal, std 0.02) in bf16; the values do not matter for speed
-        LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).save_pretrained(ckpt)
-        gc.collect()
-        log(f"  wrote a random Llama-3.2-1B-shaped checkpoint ({a.llama1b_layers} layers) "
-            f"in {time.perf_counter() - t:.0f}s")
-        ids = torch.randint(0, cfg.vocab_size, (n_ids,), generator=torch.Generator().manual_seed(0)).tolist()
-        what = f"random weights, Llama-3.2-1B shapes ({a.llama1b_layers} layers), random token ids"
-    ours = load_model(ckpt, dtype=dtype)
-    # left as transformers loads it, parameters requiring grad. Frozen, its lm_head on the sliced hidden state of
-    # logits_to_keep=1 goes through a bmm that copies the whole weight (torch 2.13: 3.2 s instead of 0.06 s for
-    # a Llama-1B-sized head); peft freezes it later, for the adapter benchmarks, whose logits are not sliced
-    theirs = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
-    return ours, theirs, ids, what
+        return ckpt, ids, f"SmolLM2-135M-Instruct ({ckpt}), tokens of {Path(a.book).name}"
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(**(LLAMA_1B | {"num_hidden_layers": a.llama1b_layers} if name == "llama1b" else TINY))
+    ckpt = Path(tmp) / f"{name}-random"
+    t = time.perf_counter()
+    torch.manual_seed(0)
+    # HF's own init (normal, std 0.02) in bf16; the values do not matter for speed
+    LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).save_pretrained(ckpt)
+    gc.collect()
+    shapes = f"Llama-3.2-1B shapes ({a.llama1b_layers} layers)" if name == "llama1b" else "a tiny Llama (the tests')"
+    log(f"  wrote a random checkpoint of {shapes} in {time.perf_counter() - t:.0f}s")
+    ids = torch.randint(0, cfg.vocab_size, (n_ids,), generator=torch.Generator().manual_seed(0)).tolist()
+    return ckpt, ids, f"random weights, {shapes}, random token ids"
+
+
+class Stack:
+    """One implementation ("ours" or "theirs") of one model, loaded once from `ckpt`: run(bench) times
+    one call of a benchmark on it. The adapter is added before the first adapter benchmark (seed 0),
+    with the same rank, alpha and dropout on both."""
+
+    def __init__(self, who: str, ckpt, ids: list[int], a: argparse.Namespace):
+        self.who, self.ids, self.a = who, ids, a
+        dtype = DTYPES[a.dtype]
+        if who == "ours":
+            self.model = load_model(ckpt, dtype=dtype)
+        else:
+            from transformers import LlamaForCausalLM
+            # left as transformers loads it, parameters requiring grad. Frozen, its lm_head on the sliced hidden
+            # state of logits_to_keep=1 goes through a bmm that copies the whole weight (torch 2.13: 3.2 s instead
+            # of 0.06 s for a Llama-1B-sized head); peft freezes it later, for the adapter benchmarks, whose
+            # logits are not sliced
+            self.model = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
+            self.model.generation_config.eos_token_id = None  # no eos stopping, no logits processor on the argmax
+        self.adapted = None  # ours: the model with add_lora; theirs: the peft model
+        self.calls = {}      # bench -> (run, setup)
+
+    def describe(self) -> dict:
+        """What the FLOP and bandwidth figures need: our ModelArgs and the weight bytes a decoded token reads."""
+        return {"args": asdict(self.model.args), "weight_bytes": sum(
+            {p.data_ptr(): p.numel() * p.element_size() for p in self.model.parameters()}.values())}
+
+    def run(self, bench: str) -> tuple[float, object]:
+        if bench not in self.calls:
+            self.calls[bench] = (our_call if self.who == "ours" else their_call)(self, bench)
+        return timed(*self.calls[bench])
+
+    def adapter(self):
+        if self.adapted is None:
+            torch.manual_seed(0)
+            a = self.a
+            if self.who == "ours":
+                add_lora(self.model, a.rank, a.alpha, a.dropout)
+                self.adapted = self.model
+            else:
+                self.adapted = add_peft_lora(self.model, a.rank, a.alpha, a.dropout)
+        return self.adapted
+
+    def close(self) -> float | None:
+        """Take the adapter off; None (the peak RSS of a process of its own, from Remote.close)."""
+        if self.adapted is not None:
+            remove_lora(self.model) if self.who == "ours" else self.adapted.unload()
+            self.adapted = None
+        return None
+
+
+def our_call(stack: Stack, bench: str):
+    """(run, setup) of one benchmark on our stack: see the module's docstring."""
+    a, ids, model = stack.a, stack.ids, stack.model
+    if bench == "prefill":
+        tokens = torch.tensor([ids[: a.seq]])  # (1, seq)
+
+        def run(cache):
+            with torch.no_grad():
+                return model(tokens, 0, cache, last=1)
+        # our cache is allocated once per window in real use, so outside the timed region
+        return run, lambda: KVCache(model.args, 1, a.seq, dtype=DTYPES[a.dtype])
+    if bench == "decode":
+        prompt = ids[: a.prompt_tokens]
+        # no stop ids: exactly new_tokens tokens
+        return (lambda cache: generate(model, cache, prompt, 0, a.new_tokens),
+                lambda: KVCache(model.args, 1, len(prompt) + a.new_tokens, dtype=DTYPES[a.dtype]))
+    loss_fn = partial(block_loss, lean=a.step_form == "lean")
+    opt = make_optimizer(lora_parameters(stack.adapter()), a.lr)
+    if bench == "step":
+        return lambda _: train_block(model, opt, ids[: a.context], ids[a.context: a.seq], a.lr, epochs=1,
+                                     loss_fn=loss_fn), None
+    # block: the window is context + block and starts empty, so our scoring is a forward of the context and
+    # the block, the same work as the official full forward (in the eval loop with W = L_T + Δ and L_x = L_T
+    # every block is such a recompute; a larger W lets ours reuse the cache and do less)
+    cfg = TempLoRAConfig(delta=a.seq - a.context, context=a.context, window=a.seq, keep=a.context, epochs=a.epochs)
+    return (lambda windows: eval_block(model, ids, a.context, a.seq, *windows, opt, a.lr, cfg, loss_fn=loss_fn),
+            lambda: (Window(model, a.seq, a.context), Window(model, a.seq, a.context)))
+
+
+def their_call(stack: Stack, bench: str):
+    """(run, setup) of one benchmark on transformers (+ peft)."""
+    a, ids, model = stack.a, stack.ids, stack.model
+    if bench == "prefill":
+        tokens = torch.tensor([ids[: a.seq]])
+
+        def run(_):  # its DynamicCache is built inside its forward, as it always is
+            with torch.no_grad():
+                return model(tokens, use_cache=True, logits_to_keep=1).logits
+        return run, None
+    if bench == "decode":
+        prompt, n = ids[: a.prompt_tokens], a.new_tokens
+
+        def run(_):
+            with torch.no_grad():
+                out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=n)
+            return out[0, len(prompt):].tolist()
+        return run, None
+    peft_model = stack.adapter()
+    opt = make_optimizer_hf(peft_model, a.lr)
+    if bench == "step":
+        return lambda _: train_hf(peft_model, opt, ids, a.context, a.seq, a.context, a.lr, epochs=1), None
+    return lambda _: eval_block_hf(peft_model, opt, ids, a.context, a.seq, a.context, a.lr, a.epochs), None
+
+
+def quiet():
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from inside peft/transformers
+
+
+def serve(who: str, ckpt: str, ids: list[int], a: argparse.Namespace, conn) -> None:
+    """A Stack in a process of its own: answers ("run", bench) and ("describe",) over the pipe until None,
+    then sends its peak RSS. An error is sent back as ("error", its traceback)."""
+    try:
+        torch.set_num_threads(a.threads)
+        quiet()
+        stack = Stack(who, ckpt, ids, a)
+        conn.send("ready")
+        while (request := conn.recv()) is not None:
+            conn.send(getattr(stack, request[0])(*request[1:]))
+        stack.close()
+        conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux -> MiB
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+
+
+class Remote:
+    """A Stack served by a spawned process of its own: each implementation allocates and frees in a heap of
+    its own, as it does when run alone. In one process, a step runs in the heap the other just freed, and
+    train_block's malloc_trim hands back pages the other then faults in again (1 µs a 4 KiB page here)."""
+
+    def __init__(self, who: str, ckpt, ids: list[int], a: argparse.Namespace):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=serve, args=(who, str(ckpt), ids, a, child), daemon=True)
+        self.proc.start()
+        self.ask()  # "ready" once loaded
+
+    def ask(self, *request):
+        if request:
+            self.conn.send(request)
+        answer = self.conn.recv()
+        if isinstance(answer, tuple) and answer[:1] == ("error",):
+            raise RuntimeError(f"the {self.proc.name} process failed:\n{answer[1]}")
+        return answer
+
+    def describe(self) -> dict:
+        return self.ask("describe")
+
+    def run(self, bench: str) -> tuple[float, object]:
+        return self.ask("run", bench)
+
+    def close(self) -> float:
+        """Peak RSS of the process in MiB (loading, every benchmark), once it has ended."""
+        self.conn.send(None)
+        rss = self.ask()
+        self.proc.join()
+        return rss
 
 
 # ----------------------------------------------------------------------------- the benchmarks
 
-def bench_prefill(ours, theirs, ids, a, log) -> dict:
-    tokens = torch.tensor([ids[: a.seq]])  # (1, seq)
-
-    def run_ours(cache):
-        with torch.no_grad():
-            return ours(tokens, 0, cache, last=1)
-
-    def run_theirs(_):
-        with torch.no_grad():
-            return theirs(tokens, use_cache=True, logits_to_keep=1).logits
-
-    # our cache is allocated once per window in real use, so outside the timed region;
-    # theirs (a DynamicCache) is built inside its forward, as it always is
-    r = alternate((run_ours, lambda: KVCache(ours.args, 1, a.seq, dtype=DTYPES[a.dtype])),
-                  (run_theirs, None), a.repeats, log)
+def summarize(bench: str, r: dict, info: dict, a: argparse.Namespace) -> dict:
+    """The timings of one benchmark, its checks (the two agree where they must) and its work."""
     lo, lt = r.pop("outputs").values()
-    r["max_abs_logit_diff"] = (lo.float() - lt.float()).abs().max().item()
-    r["tokens"] = a.seq
-    r["flops"] = prefill_flops(ours.args, a.seq)
+    if bench == "prefill":
+        r["max_abs_logit_diff"] = (lo.float() - lt.float()).abs().max().item()
+        r["tokens"] = a.seq
+        r["flops"] = prefill_flops(ModelArgs(**info["args"]), a.seq)
+    elif bench == "decode":
+        n = a.new_tokens
+        if len(lo) != n or len(lt) != n:
+            raise RuntimeError(f"decode produced {len(lo)} (ours) and {len(lt)} (theirs) tokens, not {n}")
+        r["tokens"] = n
+        # each new token reads every weight once (the tied head reads the embedding matrix once more than
+        # the lookup, which reads one row): the bytes a decode step cannot avoid, KV cache aside. The fraction
+        # of bandwidth counts them for n tokens over the whole timed call, prompt prefill included (an underestimate)
+        r["bytes_per_token"] = info["weight_bytes"]
+        r["same_tokens"] = lo == lt
+        r["first_difference"] = next((i for i, (x, y) in enumerate(zip(lo, lt)) if x != y), None)
+    elif bench == "step":
+        r["loss_last"] = {"ours": lo[-1], "theirs": lt[-1]}
+        r["tokens"] = a.seq
+        r["flops"] = step_flops(ModelArgs(**info["args"]), a.seq, a.seq - a.context, a.rank)
+    else:
+        # the base scores of the two must agree (same weights, same tokens); the adapters differ (random init, dropout)
+        n = a.seq - a.context
+        r["base_nll_per_token"] = {"ours": lo["nll_base"] / n, "theirs": lt["nll_base"] / n}
+        r["tokens"] = n
     return r
 
 
-def bench_decode(ours, theirs, ids, a, log) -> dict:
-    prompt = ids[: a.prompt_tokens]
-    n = a.new_tokens
-
-    def run_ours(cache):
-        return generate(ours, cache, prompt, 0, n)  # no stop ids: exactly n tokens
-
-    eos = theirs.generation_config.eos_token_id
-    theirs.generation_config.eos_token_id = None  # no eos stopping, and no logits processor changing the argmax
-
-    def run_theirs(_):
-        with torch.no_grad():
-            out = theirs.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=n)
-        return out[0, len(prompt):].tolist()
-
-    try:
-        r = alternate((run_ours, lambda: KVCache(ours.args, 1, len(prompt) + n, dtype=DTYPES[a.dtype])),
-                      (run_theirs, None), a.repeats, log)
-    finally:
-        theirs.generation_config.eos_token_id = eos
-    to, tt = r.pop("outputs").values()
-    if len(to) != n or len(tt) != n:
-        raise RuntimeError(f"decode produced {len(to)} (ours) and {len(tt)} (theirs) tokens, not {n}")
-    r["tokens"] = n
-    # each new token reads every weight once (the tied head reads the embedding matrix once more than
-    # the lookup, which reads one row): the bytes a decode step cannot avoid, KV cache aside. The fraction
-    # of bandwidth counts them for n tokens over the whole timed call, prompt prefill included (an underestimate)
-    r["bytes_per_token"] = sum({p.data_ptr(): p.numel() * p.element_size() for p in ours.parameters()}.values())
-    r["same_tokens"] = to == tt
-    r["first_difference"] = next((i for i, (x, y) in enumerate(zip(to, tt)) if x != y), None)
-    return r
-
-
-def our_loss(a: argparse.Namespace):
-    """The loss our step trains on: the lean form (the default) or the plain one (--step-form plain)."""
-    return partial(block_loss, lean=a.step_form == "lean")
-
-
-def bench_step(ours, peft_model, ids, a, log) -> dict:
-    context, block = ids[: a.context], ids[a.context: a.seq]
-    opt_ours, opt_theirs = make_optimizer(lora_parameters(ours), a.lr), make_optimizer_hf(peft_model, a.lr)
-    def run_ours(_):
-        return train_block(ours, opt_ours, context, block, a.lr, epochs=1, loss_fn=our_loss(a))
-
-    def run_theirs(_):
-        return train_hf(peft_model, opt_theirs, ids, a.context, a.seq, a.context, a.lr, epochs=1)
-
-    r = alternate((run_ours, None), (run_theirs, None), a.repeats, log)
-    lo, lt = r.pop("outputs").values()
-    r["loss_last"] = {"ours": lo[-1], "theirs": lt[-1]}
-    r["tokens"] = a.seq
-    r["flops"] = step_flops(ours.args, a.seq, a.seq - a.context, a.rank)
-    return r
-
-
-def bench_block(ours, peft_model, ids, a, log) -> dict:
-    """The window is context + block and starts empty, so our scoring is a forward of the context and the
-    block, the same work as the official full forward (in the eval loop with W = L_T + Δ and L_x = L_T every
-    block is such a recompute; a larger W lets ours reuse the cache and do less)."""
-    start, end = a.context, a.seq
-    opt_ours, opt_theirs = make_optimizer(lora_parameters(ours), a.lr), make_optimizer_hf(peft_model, a.lr)
-    cfg = TempLoRAConfig(delta=end - start, context=a.context, window=a.seq, keep=a.context, epochs=a.epochs)
-
-    def run_ours(windows):
-        return eval_block(ours, ids, start, end, *windows, opt_ours, a.lr, cfg, loss_fn=our_loss(a))
-
-    def run_theirs(_):
-        return eval_block_hf(peft_model, opt_theirs, ids, start, end, a.context, a.lr, a.epochs)
-
-    r = alternate((run_ours, lambda: (Window(ours, a.seq, a.context), Window(ours, a.seq, a.context))),
-                  (run_theirs, None), a.repeats, log)
-    lo, lt = r.pop("outputs").values()
-    n = end - start
-    # the base scores of the two must agree (same weights, same tokens); the adapters differ (random init, dropout)
-    r["base_nll_per_token"] = {"ours": lo["nll_base"] / n, "theirs": lt["nll_base"] / n}
-    r["tokens"] = n
-    return r
+LABELS = {"prefill": "prefill {seq} tokens", "decode": "decode {new_tokens} tokens after {prompt_tokens}",
+          "step": "adapter step on {context} + {block} tokens",
+          "block": "eval block: {context} context + {block} block tokens, {epochs} epochs"}
 
 
 def run_model(name: str, a: argparse.Namespace, peaks: dict, log) -> dict:
+    """Every benchmark of --bench on one model: both stacks loaded from the same directory, each in a
+    process of its own (Remote) or, with --one-process, both in this one."""
+    make = Stack if a.one_process else Remote
     with tempfile.TemporaryDirectory(prefix="templora-bench-") as tmp:
         t = time.perf_counter()
-        ours, theirs, ids, what = load_pair(name, a, tmp, log)
-    log(f"  loaded both in {time.perf_counter() - t:.0f}s: {what}")
-    out = {"model": what, "args": asdict(ours.args)}
-    if "prefill" in a.bench:
-        log(f"  prefill {a.seq} tokens")
-        out["prefill"] = bench_prefill(ours, theirs, ids, a, log)
-    if "decode" in a.bench:
-        log(f"  decode {a.new_tokens} tokens after {a.prompt_tokens}")
-        out["decode"] = bench_decode(ours, theirs, ids, a, log)
-    if "step" in a.bench or "block" in a.bench:
-        torch.manual_seed(0)
-        add_lora(ours, a.rank, a.alpha, a.dropout)
-        peft_model = add_peft_lora(theirs, a.rank, a.alpha, a.dropout)
-        try:
-            if "step" in a.bench:
-                log(f"  adapter step on {a.context} + {a.seq - a.context} tokens")
-                out["step"] = bench_step(ours, peft_model, ids, a, log)
-            if "block" in a.bench:
-                log(f"  eval block: {a.context} context + {a.seq - a.context} block tokens, {a.epochs} epochs")
-                out["block"] = bench_block(ours, peft_model, ids, a, log)
-        finally:
-            remove_lora(ours)
-            peft_model.unload()
+        ckpt, ids, what = prepare(name, a, tmp, log)
+        stacks = {who: make(who, ckpt, ids, a) for who in ("ours", "theirs")}
+    log(f"  loaded both in {time.perf_counter() - t:.0f}s "
+        f"({'one process' if a.one_process else 'a process each'}): {what}")
+    info = stacks["ours"].describe()
+    out = {"model": what, "args": info["args"], "processes": "one" if a.one_process else "one per stack"}
+    try:
+        for bench in ("prefill", "decode", "step", "block"):
+            if bench in a.bench:
+                log("  " + LABELS[bench].format(block=a.seq - a.context, **vars(a)))
+                out[bench] = summarize(bench, alternate(stacks, bench, a.repeats, log), info, a)
+    finally:
+        rss = {who: stacks[who].close() for who in ("ours", "theirs")}
+    if not a.one_process:
+        out["peak_rss_mib"] = rss  # each process's whole life: loading and every benchmark above
+        log(f"  peak RSS: ours {rss['ours']:.0f} MiB, theirs {rss['theirs']:.0f} MiB")
     for key, r in out.items():
         if isinstance(r, dict) and "ours_median_s" in r:
             r["ours_tokens_per_s"] = r["tokens"] / r["ours_median_s"]
@@ -284,7 +378,7 @@ def run_model(name: str, a: argparse.Namespace, peaks: dict, log) -> dict:
                 for who in ("ours", "theirs"):
                     r[f"{who}_memory_read_fraction"] = (r["tokens"] * r["bytes_per_token"] / r[f"{who}_median_s"]
                                                         / peaks["memory_read"]["bytes_per_s"])
-    del ours, theirs
+    del stacks
     gc.collect()
     return out
 
@@ -326,8 +420,8 @@ def table(name: str, r: dict, a: argparse.Namespace) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["smollm2", "llama1b", "both"], default=None,
-                   help="default: both (--quick: smollm2)")
+    p.add_argument("--model", choices=["smollm2", "llama1b", "both", "tiny"], default=None,
+                   help="default: both, SmolLM2 and the 1B shapes (--quick: smollm2); tiny: random, for the tests")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per benchmark (default 5, --quick 2)")
     p.add_argument("--quick", action="store_true", help="smollm2, short sequences, 2 rounds: about 2 minutes")
     p.add_argument("--out", default=str(RESULTS / "speed.json"))
@@ -346,6 +440,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--epochs", type=int, default=2, help="adapter steps per eval block")
+    p.add_argument("--one-process", action="store_true",
+                   help="both stacks in this process, as before (default: each in a spawned process of its own, so "
+                        "neither runs in the heap the other has just freed)")
     p.add_argument("--step-form", choices=["lean", "plain"], default="lean",
                    help="our adapter step in step and block: lean (train_block's default, lean_backward.py) or "
                         "plain (the model's forward under autograd), to time both on one machine")
@@ -390,8 +487,7 @@ def main(argv=None) -> int:
         require_books(a.book, "--book")
     import peft
     import transformers
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from inside peft/transformers
+    quiet()
     torch.set_num_threads(a.threads)
 
     def log(s):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from bench import memory, precision
+from bench import memory, precision, speed
 
 TINY = ["--delta", "32", "--context", "32", "--window", "96", "--keep", "32"]
 
@@ -48,6 +48,29 @@ def _result(path, book, tokens, nll_per_token):
     r = {"book": book, "scored_tokens": tokens, "chunks": chunks, "command": "test",
          "timings": {"score_base_s": 1.0, "score_templora_s": 2.0, "train_s": 3.0}}
     path.write_text(json.dumps(r))
+
+
+@pytest.mark.parametrize("one_process", [False, True])
+def test_speed_times_both_stacks_each_in_a_process_of_its_own_or_together(one_process, tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    rc = speed.main(["--model", "tiny", "--quick", "--repeats", "1", "--seq", "96", "--new-tokens", "8",
+                     "--bench", "prefill,decode,step,block", "--out", str(out)] + ["--one-process"] * one_process)
+    assert rc == 0
+    r = json.loads(out.read_text())["models"]["tiny"]
+    assert r["processes"] == ("one" if one_process else "one per stack")
+    for bench in ("prefill", "decode", "step", "block"):
+        x = r[bench]
+        assert len(x["ours_s"]) == len(x["theirs_s"]) == 1 and x["ratio"] > 0, bench
+    # the two stacks compute the same model from the same checkpoint
+    assert r["prefill"]["max_abs_logit_diff"] < 0.05
+    nll = r["block"]["base_nll_per_token"]
+    assert nll["ours"] == pytest.approx(nll["theirs"], rel=1e-2)
+    assert all(math.isfinite(v) for v in r["step"]["loss_last"].values())
+    if one_process:
+        assert "peak_rss_mib" not in r
+    else:  # each process's own peak: loading torch alone takes more than 100 MiB
+        assert min(r["peak_rss_mib"].values()) > 100
+    assert "## tiny" in capsys.readouterr().out
 
 
 def test_compare_tabulates_every_row_and_refuses_different_books(tmp_path, capsys):
