@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import BOOK, LLAMA_1B, MODEL_DIR, RESULTS, require_books, require_model
+from bench.common import BOOK, LLAMA_1B, MODEL_DIR, RESULTS, path_label, require_books, require_model
 from bench.flops import prefill_flops, step_flops
 from bench.templora_hf import add_peft_lora, eval_block_hf, make_optimizer_hf, train_hf
 from load_llama import load_model, load_tokenizer, read_json
@@ -131,7 +131,7 @@ def prepare(name: str, a: argparse.Namespace, tmp: str, log) -> tuple[Path, list
         ids = tok.encode(text, bos=True)[:n_ids]
         if len(ids) < n_ids:
             raise ValueError(f"{a.book}: only {len(ids)} tokens, {n_ids} needed")
-        return ckpt, ids, f"SmolLM2-135M-Instruct ({ckpt}), tokens of {Path(a.book).name}"
+        return ckpt, ids, f"SmolLM2-135M-Instruct ({path_label(ckpt)}), tokens of {Path(a.book).name}"
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(**(LLAMA_1B | {"num_hidden_layers": a.llama1b_layers} if name == "llama1b" else TINY))
     ckpt = Path(tmp) / f"{name}-random"
@@ -497,7 +497,8 @@ def main(argv=None) -> int:
     result = {"machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                           "transformers": transformers.__version__, "peft": peft.__version__,
                           "bf16_matmul_supported": torch.ops.mkldnn._is_mkldnn_bf16_supported()},
-              "config": {k: v for k, v in vars(a).items()}, "peak": {}, "models": {}}
+              "config": vars(a) | {"book": path_label(a.book), "smollm2_dir": path_label(a.smollm2_dir)},
+              "peak": {}, "models": {}}
     if "peak" in a.bench:
         for dt in ("float32", "bfloat16"):
             result["peak"][dt] = matmul_peak(DTYPES[dt], a.peak_size, a.repeats)
