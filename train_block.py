@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lean_backward import lean_block, release_memory
+from lean_backward import lean_block
 
 HEAD_ELEMENTS = 2 ** 24  # logits computed at a time by the lean loss: 64 MB in fp32
 
@@ -89,7 +89,6 @@ def train_block(model: nn.Module, optimizer: torch.optim.Optimizer, context: lis
         for _ in range(epochs):
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model, context, block)
-            release_memory()  # the forward's temporaries, before the backward needs room
             if not torch.isfinite(loss):
                 losses.append(math.nan)
                 continue
@@ -104,5 +103,4 @@ def train_block(model: nn.Module, optimizer: torch.optim.Optimizer, context: lis
     finally:
         optimizer.zero_grad(set_to_none=True)
         model.eval()
-        release_memory()
     return losses

@@ -7,8 +7,9 @@ this machine's matmul peak. Dev dependencies (requirements-dev.txt).
 
 Each stack (ours, theirs) is loaded by a spawned process of its own, and the benchmarks alternate between the
 two processes: each allocates and frees in its own heap, as it would run alone, with its peak RSS reported.
---one-process loads both here (how the results with no "processes" key were timed): a step then starts in a heap the other stack has just freed, and whoever hands freed pages back to the system
-(train_block's malloc_trim) makes the other fault them in again, so the ratios depend on the order.
+--one-process loads both here (how the results with no "processes" key were timed): a step then starts in
+a heap the other stack has just freed, and whoever hands freed pages back to the system (train_block's
+malloc_trim) makes the other fault them in again, so the ratios depend on the order.
 
 What is timed (each pair alternates ours / theirs, one warm-up each, then --repeats runs; medians):
   prefill  a no-grad forward of --seq tokens that fills a KV cache, logits of the last position only
@@ -190,9 +191,11 @@ class Stack:
 
     def close(self) -> float | None:
         """Take the adapter off; None (the peak RSS of a process of its own, from Remote.close)."""
-        if self.adapted is not None:
-            remove_lora(self.model) if self.who == "ours" else self.adapted.unload()
-            self.adapted = None
+        if self.adapted is not None and self.who == "ours":
+            remove_lora(self.model)
+        elif self.adapted is not None:
+            self.adapted.unload()
+        self.adapted = None
         return None
 
 
@@ -298,10 +301,14 @@ class Remote:
     def run(self, bench: str) -> tuple[float, object]:
         return self.ask("run", bench)
 
-    def close(self) -> float:
-        """Peak RSS of the process in MiB (loading, every benchmark), once it has ended."""
-        self.conn.send(None)
-        rss = self.ask()
+    def close(self) -> float | None:
+        """Peak RSS of the process in MiB (loading, every benchmark), once it has ended; None if it had
+        already ended on an error (which its run() raised)."""
+        try:
+            self.conn.send(None)
+            rss = self.ask()
+        except (BrokenPipeError, EOFError):
+            rss = None
         self.proc.join()
         return rss
 

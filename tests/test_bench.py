@@ -73,6 +73,12 @@ def test_speed_times_both_stacks_each_in_a_process_of_its_own_or_together(one_pr
     assert "## tiny" in capsys.readouterr().out
 
 
+def test_a_stack_whose_process_fails_raises_with_its_traceback(tmp_path):
+    a = speed.parse_args(["--model", "tiny", "--quick"])
+    with pytest.raises(RuntimeError, match=r"(?s)process failed.*" + str(tmp_path / "missing")):
+        speed.Remote("ours", tmp_path / "missing", [1, 2, 3], a)
+
+
 def test_compare_tabulates_every_row_and_refuses_different_books(tmp_path, capsys):
     from bench import compare
     for book in ("1", "2"):
