@@ -8,8 +8,8 @@ this machine's matmul peak. Dev dependencies (requirements-dev.txt).
 Each stack (ours, theirs) is loaded by a spawned process of its own, and the benchmarks alternate between the
 two processes: each allocates and frees in its own heap, as it would run alone, with its peak RSS reported.
 --one-process loads both here (how the results with no "processes" key were timed): a step then starts in
-a heap the other stack has just freed, and whoever hands freed pages back to the system (train_block's
-malloc_trim) makes the other fault them in again, so the ratios depend on the order.
+a heap the other stack has just freed, and whoever hands freed pages back to the system (our step's
+malloc_trim, lean_backward.trim_heap) makes the other fault them in again, so the ratios depend on the order.
 
 What is timed (each pair alternates ours / theirs, one warm-up each, then --repeats runs; medians):
   prefill  a no-grad forward of --seq tokens that fills a KV cache, logits of the last position only
@@ -264,7 +264,8 @@ def serve(who: str, ckpt: str, ids: list[int], a: argparse.Namespace, conn) -> N
     then sends its peak RSS. An error is sent back as ("error", its traceback)."""
     try:
         torch.set_num_threads(a.threads)
-        quiet()
+        if who == "theirs":  # ours never imports transformers: its peak RSS is its own
+            quiet()
         stack = Stack(who, ckpt, ids, a)
         conn.send("ready")
         while (request := conn.recv()) is not None:
@@ -278,19 +279,24 @@ def serve(who: str, ckpt: str, ids: list[int], a: argparse.Namespace, conn) -> N
 class Remote:
     """A Stack served by a spawned process of its own: each implementation allocates and frees in a heap of
     its own, as it does when run alone. In one process, a step runs in the heap the other just freed, and
-    train_block's malloc_trim hands back pages the other then faults in again (1 µs a 4 KiB page here)."""
+    our step's malloc_trim hands back pages the other then faults in again (1 µs a 4 KiB page here)."""
 
     def __init__(self, who: str, ckpt, ids: list[int], a: argparse.Namespace):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=serve, args=(who, str(ckpt), ids, a, child), daemon=True)
         self.proc.start()
+        child.close()  # the child's end lives in the child: a child that dies ends recv() with EOFError
         self.ask()  # "ready" once loaded
 
     def ask(self, *request):
         if request:
             self.conn.send(request)
-        answer = self.conn.recv()
+        try:
+            answer = self.conn.recv()
+        except EOFError:
+            self.proc.join()
+            raise RuntimeError(f"the {self.proc.name} process ended (exit code {self.proc.exitcode})") from None
         if isinstance(answer, tuple) and answer[:1] == ("error",):
             raise RuntimeError(f"the {self.proc.name} process failed:\n{answer[1]}")
         return answer
@@ -307,7 +313,7 @@ class Remote:
         try:
             self.conn.send(None)
             rss = self.ask()
-        except (BrokenPipeError, EOFError):
+        except (BrokenPipeError, RuntimeError):
             rss = None
         self.proc.join()
         return rss
@@ -354,21 +360,23 @@ def run_model(name: str, a: argparse.Namespace, peaks: dict, log) -> dict:
     """Every benchmark of --bench on one model: both stacks loaded from the same directory, each in a
     process of its own (Remote) or, with --one-process, both in this one."""
     make = Stack if a.one_process else Remote
-    with tempfile.TemporaryDirectory(prefix="templora-bench-") as tmp:
-        t = time.perf_counter()
-        ckpt, ids, what = prepare(name, a, tmp, log)
-        stacks = {who: make(who, ckpt, ids, a) for who in ("ours", "theirs")}
-    log(f"  loaded both in {time.perf_counter() - t:.0f}s "
-        f"({'one process' if a.one_process else 'a process each'}): {what}")
-    info = stacks["ours"].describe()
-    out = {"model": what, "args": info["args"], "processes": "one" if a.one_process else "one per stack"}
+    stacks = {}
     try:
+        with tempfile.TemporaryDirectory(prefix="templora-bench-") as tmp:
+            t = time.perf_counter()
+            ckpt, ids, what = prepare(name, a, tmp, log)
+            for who in ("ours", "theirs"):
+                stacks[who] = make(who, ckpt, ids, a)
+        log(f"  loaded both in {time.perf_counter() - t:.0f}s "
+            f"({'one process' if a.one_process else 'a process each'}): {what}")
+        info = stacks["ours"].describe()
+        out = {"model": what, "args": info["args"], "processes": "one" if a.one_process else "one per stack"}
         for bench in ("prefill", "decode", "step", "block"):
             if bench in a.bench:
                 log("  " + LABELS[bench].format(block=a.seq - a.context, **vars(a)))
                 out[bench] = summarize(bench, alternate(stacks, bench, a.repeats, log), info, a)
     finally:
-        rss = {who: stacks[who].close() for who in ("ours", "theirs")}
+        rss = {who: stack.close() for who, stack in stacks.items()}
     if not a.one_process:
         out["peak_rss_mib"] = rss  # each process's whole life: loading and every benchmark above
         log(f"  peak RSS: ours {rss['ours']:.0f} MiB, theirs {rss['theirs']:.0f} MiB")

@@ -4,6 +4,7 @@
 the scripts do not rot. Speed is never asserted.)"""
 import json
 import math
+import re
 
 import pytest
 
@@ -75,7 +76,7 @@ def test_speed_times_both_stacks_each_in_a_process_of_its_own_or_together(one_pr
 
 def test_a_stack_whose_process_fails_raises_with_its_traceback(tmp_path):
     a = speed.parse_args(["--model", "tiny", "--quick"])
-    with pytest.raises(RuntimeError, match=r"(?s)process failed.*" + str(tmp_path / "missing")):
+    with pytest.raises(RuntimeError, match=r"(?s)process failed.*" + re.escape(str(tmp_path / "missing"))):
         speed.Remote("ours", tmp_path / "missing", [1, 2, 3], a)
 
 

@@ -151,6 +151,12 @@ def test_the_dropout_mask_keeps_each_input_with_probability_one_minus_p(p):
 
 
 def test_dropout_p_is_kept_to_two_to_the_minus_32_and_checked():
+    x = torch.empty(3, 1001)
+    m = LoRALinear(torch.nn.Linear(8, 4, bias=False), 2, 2, dropout=0.05, generator=torch.Generator().manual_seed(3))
+    bits = torch.empty(1502, dtype=torch.int64).random_(-2 ** 63, None, generator=torch.Generator().manual_seed(3))
+    u = bits.view(torch.int32)[:3003].view(3, 1001)            # the 32-bit integers the mask compares
+    m.generator.manual_seed(3)                                 # A's init drew from it too
+    assert torch.equal(m.draw_mask(x), u >= int(0.05 * 2 ** 32) - 2 ** 31)
     x = torch.empty(100_000)
     drop_all_but = LoRALinear(torch.nn.Linear(8, 4, bias=False), 2, 2, dropout=1 - 2 ** -40)
     assert not drop_all_but.draw_mask(x).any()                    # P(keep) = 2^-32
