@@ -191,8 +191,8 @@ class Stack:
 
     def close(self) -> float | None:
         """Take the adapter off; None (the peak RSS of a process of its own, from Remote.close)."""
-        if self.adapted is not None and self.who == "ours":
-            remove_lora(self.model)
+        if self.who == "ours":
+            remove_lora(self.model)  # nothing to do without an adapter
         elif self.adapted is not None:
             self.adapted.unload()
         self.adapted = None
