@@ -22,8 +22,8 @@ rather than drawn again from a saved generator state: drawing costs more than pa
 (about 4 ms against 0.5 ms for a (2048, 576) mask on a 2-core CPU), and packed they weigh a 32nd of the fp32
 input they multiply. The forward calls the block's own modules, so its values are the plain forward's bit
 for bit; the backward is the chain rule written out, so the gradients equal autograd's up to the order of
-floating-point sums (tests/test_lean_backward.py). The attention backward is autograd's own: the kernel
-runs on leaf tensors inside a small graph of its own, whose backward is called by hand.
+floating-point sums (tests/test_lean_backward.py). The attention's backward is torch's own kernel,
+called by hand (attention, attention_backward).
 
 What the process holds is more than what is kept: glibc keeps the pages of freed blocks, and a step
 frees and allocates tensors of three sizes in turn, so the heap's holes grow layer by layer. trim_heap()
@@ -169,9 +169,8 @@ def linear_forward(m: nn.Module, x: torch.Tensor, masks: dict) -> torch.Tensor:
 
 
 def mask_of(m: nn.Module, x: torch.Tensor, masks: dict) -> torch.Tensor | None:
-    """The dropout mask linear_forward's call drew for input x, as 0/1 in x's dtype (None where m drops
-    nothing): multiplying by it is multiplying by the bool mask, without converting it at every use."""
-    return unpack_mask(masks[id(m)], x.shape).to(x.dtype) if drops(m) else None
+    """The dropout mask linear_forward's call drew for input x (bool; None where m drops nothing)."""
+    return unpack_mask(masks[id(m)], x.shape) if drops(m) else None
 
 
 def linear_again(m: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -224,6 +223,47 @@ def rope_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return dy * cos.to(dy.dtype) + torch.cat((w2, -w1), dim=-1)
 
 
+# ----------------------------------------------------------------------------- attention
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """Causal attention of q (bs, n_heads, T, d) over k, v (bs, n_kv_heads, T, d): the value
+    F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True) gives, bit for bit, and what
+    attention_backward needs: q, k, v, out and the logsumexp of each query's scores. On CPU that function
+    runs torch's flash kernel, called here directly for its logsumexp; elsewhere, attention_in_a_graph."""
+    if q.device.type != "cpu":
+        return attention_in_a_graph(q, k, v)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+    return out, (q, k, v, out, lse)
+
+
+def attention_in_a_graph(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """attention() through the function itself, on leaves of a graph of its own: it keeps the same
+    tensors, and attention_backward calls the graph's backward by hand. Returns out and (q, k, v, out)."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    with torch.enable_grad():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return out.detach(), (q, k, v, out)
+
+
+def attention_backward(kept: tuple, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) given d loss / d out (bs, n_heads, T, d) and what attention() kept.
+
+    The CPU kernel's backward runs on k and v repeated to one per query head, and each key/value head's
+    gradient is then the sum over its group of query heads. That is faster than the kernel's backward on
+    grouped heads (SmolLM2's 9 on 3 heads, 2,048 tokens, bf16, 2 threads: about 84 against 100 ms a layer)
+    and no less accurate (tests/test_lean_backward.py compares both with float64)."""
+    if len(kept) == 4:                                              # attention_in_a_graph's
+        q, k, v, out = kept
+        return torch.autograd.grad(out, (q, k, v), dout)
+    q, k, v, out, lse = kept
+    group = q.shape[1] // k.shape[1]
+    k_rep, v_rep = (t.repeat_interleave(group, dim=1) for t in (k, v))  # (bs, n_heads, T, d)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k_rep, v_rep, out, lse, 0.0, True)
+    fold = lambda d: d.unflatten(1, (k.shape[1], group)).sum(2)  # noqa: E731  (bs, n_kv_heads, T, d), fp32 sums
+    return dq, fold(dk), fold(dv)
+
+
 # ----------------------------------------------------------------------------- the block
 
 class LeanBlock(torch.autograd.Function):
@@ -238,11 +278,8 @@ class LeanBlock(torch.autograd.Function):
         k = linear_forward(attn.wk, xn, masks).view(bsz, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
         v = linear_forward(attn.wv, xn, masks).view(bsz, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)    # (bs, heads, T, head_dim)
-        # the kernel on leaves of a graph of its own: it keeps q, k, v, out and the logsumexp, no more
-        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-        with torch.enable_grad():
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (bs, n_heads, T, d)
-        o2 = out.detach().transpose(1, 2).reshape(bsz, T, attn.n_heads * attn.head_dim)
+        out, kept = attention(q, k, v)                             # (bs, n_heads, T, d)
+        o2 = out.transpose(1, 2).reshape(bsz, T, attn.n_heads * attn.head_dim)
         h = x + linear_forward(attn.wo, o2, masks)
         # feed-forward: FeedForward.forward, its parts kept apart
         hn = layer.ffn_norm(h)
@@ -250,8 +287,9 @@ class LeanBlock(torch.autograd.Function):
         u = linear_forward(ff.w3, hn, masks)
         y = h + linear_forward(ff.w2, F.silu(g) * u, masks)
         ctx.layer, ctx.params, ctx.mask_owners = layer, params, list(masks)
-        ctx.attention = (q, k, v, out)
-        ctx.save_for_backward(x, cos, sin, h, *masks.values())     # g and u are computed again in the backward
+        # the kernel's tensors are saved with the rest, unless they belong to attention_in_a_graph's graph
+        ctx.graph = kept if len(kept) == 4 else None
+        ctx.save_for_backward(x, cos, sin, h, *masks.values(), *(kept if ctx.graph is None else ()))  # not g, u
         del xn, hn, g, u
         trim_heap()
         return y
@@ -260,9 +298,9 @@ class LeanBlock(torch.autograd.Function):
     def backward(ctx, dy):
         layer = ctx.layer
         attn, ff = layer.attention, layer.feed_forward
-        x, cos, sin, h, *packed = ctx.saved_tensors
-        masks = dict(zip(ctx.mask_owners, packed))                 # id(adapter) -> its packed dropout mask
-        q, k, v, out = ctx.attention
+        x, cos, sin, h, *rest = ctx.saved_tensors
+        masks = dict(zip(ctx.mask_owners, rest))                   # id(adapter) -> its packed dropout mask
+        kept = ctx.graph or tuple(rest[len(masks):])               # what attention() kept
         bsz, T, _ = x.shape
         grads = {}
         # feed-forward: y = h + w2(silu(g) * u), g = w1(hn), u = w3(hn), hn = ffn_norm(h)
@@ -279,11 +317,11 @@ class LeanBlock(torch.autograd.Function):
         dh = dy + rmsnorm_backward(layer.ffn_norm, h, dhn)
         del hn, m1, m3, dg, du, dhn
         # attention: h = x + wo(attention(rope(wq(xn)), rope(wk(xn)), wv(xn))), xn = attention_norm(x)
-        o2 = out.detach().transpose(1, 2).reshape(bsz, T, attn.n_heads * attn.head_dim)
+        o2 = kept[3].detach().transpose(1, 2).reshape(bsz, T, attn.n_heads * attn.head_dim)  # kept[3]: out
         do2 = linear_backward(attn.wo, o2, dh, mask_of(attn.wo, o2, masks), grads)
         dout = do2.view(bsz, T, attn.n_heads, attn.head_dim).transpose(1, 2)
-        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
-        del ctx.attention, q, k, v, out, o2, do2, dout             # the kernel's tensors go as soon as used
+        dq, dk, dv = attention_backward(kept, dout)
+        del ctx.graph, kept, rest, o2, do2, dout                   # the kernel's tensors go as soon as used
         dq, dk = rope_backward(dq, cos, sin), rope_backward(dk, cos, sin)
         flat = lambda t: t.transpose(1, 2).reshape(bsz, T, -1)      # noqa: E731  (bs, heads, T, d) -> (bs, T, heads*d)
         xn = layer.attention_norm(x)

@@ -199,3 +199,34 @@ def test_evaluate_gives_the_same_perplexities_and_leaves_the_base_weights_alone(
     assert lean["ppl_base"] == plain["ppl_base"]
     assert lean["ppl_templora"] == pytest.approx(plain["ppl_templora"], rel=1e-5)
     assert checksums(model) == before
+
+
+@pytest.mark.parametrize("heads,kv_heads,T", [(9, 3, 37), (4, 4, 1), (8, 2, 300)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_is_the_function_and_its_backward_is_as_close_to_float64(heads, kv_heads, T, dtype):
+    """lean_backward.attention: F.scaled_dot_product_attention's value bit for bit; attention_backward's
+    gradients (the CPU kernel's backward on repeated k and v) as close to float64 as autograd's through
+    the function, and the graph form (what runs off CPU) equal to autograd's."""
+    torch.manual_seed(heads + T)
+    q = torch.randn(1, T, heads, 16).transpose(1, 2).to(dtype)     # strided like the model's q
+    k, v = (torch.randn(1, kv_heads, T, 16).to(dtype) for _ in range(2))
+    dout = torch.randn(1, heads, T, 16).to(dtype)
+    out, kept = lean_backward.attention(q, k, v)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    grads = lean_backward.attention_backward(kept, dout)
+
+    def autograd(dt):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        o = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=True)
+        return torch.autograd.grad(o, leaves, dout.to(dt))
+    exact, through_function = autograd(torch.float64), autograd(dtype)
+    graph_out, graph_kept = lean_backward.attention_in_a_graph(q, k, v)
+    assert torch.equal(graph_out, out)
+    for g, f, e, gg in zip(grads, through_function, exact, lean_backward.attention_backward(graph_kept, dout)):
+        assert g.dtype == dtype and g.shape == e.shape
+        assert torch.equal(gg, f)
+        err, err_function = ((t.double() - e).abs().max().item() for t in (g, f))
+        if dtype == torch.float32:
+            assert err <= 1e-5 * e.abs().max().item() + 1e-6          # + : T = 1 has dq = 0
+        else:
+            assert err <= 1.5 * err_function + 1e-3 * e.abs().max().item()
