@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora import LoRALinear
+from lora import LoRALinear, as_factor
 from model import Attention, FeedForward, RMSNorm, TransformerBlock, apply_rope
 
 LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
@@ -192,6 +192,7 @@ def linear_backward(m: nn.Module, x: torch.Tensor, dy: torch.Tensor, mask: torch
         return dx
     scale = m.scale
     if mask is not None:
+        mask = as_factor(mask, x.dtype)                            # 0/1 in x's dtype, used twice
         x = x * mask
         scale = scale / (1.0 - m.dropout)
     a = (scale * m.lora_a).to(x.dtype)                             # (rank, in), as LoRALinear.forward
@@ -201,7 +202,7 @@ def linear_backward(m: nn.Module, x: torch.Tensor, dy: torch.Tensor, mask: torch
     grads[id(m.lora_b)] = (dy2.T @ (x2 @ a.T)).float()            # (out, rank)
     grads[id(m.lora_a)] = (dz.T @ x2).float() * scale             # (rank, in)
     dx_lora = (dz @ a).view_as(dx)
-    return dx + (dx_lora if mask is None else dx_lora * mask)
+    return dx.add_(dx_lora if mask is None else dx_lora.mul_(mask))   # in place: fewer fresh pages
 
 
 # ----------------------------------------------------------------------------- norms, SwiGLU, RoPE
@@ -212,7 +213,7 @@ def rmsnorm_backward(norm: RMSNorm, x: torch.Tensor, dy: torch.Tensor) -> torch.
     r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.eps)  # (bs, T, 1)
     n = x32 * r
     dn = (dy * norm.weight).float()
-    return (r * (dn - n * (dn * n).mean(-1, keepdim=True))).type_as(x)
+    return dn.sub_(n.mul_((dn * n).mean(-1, keepdim=True))).mul_(r).type_as(x)  # in place: fewer fresh pages
 
 
 def rope_backward(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -311,10 +312,10 @@ class LeanBlock(torch.autograd.Function):
         act = silu_g * u                                           # w2's input
         dp = linear_backward(ff.w2, act, dy, mask_of(ff.w2, act, masks), grads)
         dg = torch.ops.aten.silu_backward(dp * u, g)               # (dp u) silu'(g): autograd's own kernel
-        du = dp * silu_g
+        du = dp.mul_(silu_g)
         del act, g, u, silu_g, dp
-        dhn = linear_backward(ff.w1, hn, dg, m1, grads) + linear_backward(ff.w3, hn, du, m3, grads)
-        dh = dy + rmsnorm_backward(layer.ffn_norm, h, dhn)
+        dhn = linear_backward(ff.w1, hn, dg, m1, grads).add_(linear_backward(ff.w3, hn, du, m3, grads))
+        dh = rmsnorm_backward(layer.ffn_norm, h, dhn).add_(dy)
         del hn, m1, m3, dg, du, dhn
         # attention: h = x + wo(attention(rope(wq(xn)), rope(wk(xn)), wv(xn))), xn = attention_norm(x)
         o2 = kept[3].detach().transpose(1, 2).reshape(bsz, T, attn.n_heads * attn.head_dim)  # kept[3]: out
@@ -325,9 +326,10 @@ class LeanBlock(torch.autograd.Function):
         dq, dk = rope_backward(dq, cos, sin), rope_backward(dk, cos, sin)
         flat = lambda t: t.transpose(1, 2).reshape(bsz, T, -1)      # noqa: E731  (bs, heads, T, d) -> (bs, T, heads*d)
         xn = layer.attention_norm(x)
-        dxn = sum(linear_backward(lin, xn, flat(d), mask_of(lin, xn, masks), grads)
-                  for lin, d in ((attn.wq, dq), (attn.wk, dk), (attn.wv, dv)))
-        dx = dh + rmsnorm_backward(layer.attention_norm, x, dxn)
+        dxn = linear_backward(attn.wq, xn, flat(dq), mask_of(attn.wq, xn, masks), grads)
+        for lin, d in ((attn.wk, dk), (attn.wv, dv)):
+            dxn.add_(linear_backward(lin, xn, flat(d), mask_of(lin, xn, masks), grads))
+        dx = rmsnorm_backward(layer.attention_norm, x, dxn).add_(dh)
         del dxn, dh, xn, dq, dk, dv
         trim_heap()
         return (None, dx, None, None, *(grads.get(id(p)) for p in ctx.params))
