@@ -322,7 +322,7 @@ class LeanBlock(torch.autograd.Function):
         do2 = linear_backward(attn.wo, o2, dh, mask_of(attn.wo, o2, masks), grads)
         dout = do2.view(bsz, T, attn.n_heads, attn.head_dim).transpose(1, 2)
         dq, dk, dv = attention_backward(kept, dout)
-        del ctx.graph, kept, rest, o2, do2, dout                   # the kernel's tensors go as soon as used
+        del ctx.graph, kept, rest, o2, do2, dout                   # (on CPU the saved ones go when this returns)
         dq, dk = rope_backward(dq, cos, sin), rope_backward(dk, cos, sin)
         flat = lambda t: t.transpose(1, 2).reshape(bsz, T, -1)      # noqa: E731  (bs, heads, T, d) -> (bs, T, heads*d)
         xn = layer.attention_norm(x)
