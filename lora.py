@@ -79,7 +79,9 @@ class LoRALinear(nn.Module):
         scale = self.scale
         if self.training and self.dropout > 0:
             # inverted dropout, written out: 1/(1-p) joins the scale
-            x = x * as_factor(self.draw_mask(x) if mask is None else mask, x.dtype)
+            keep = self.draw_mask(x) if mask is None else mask
+            # where autograd records the product it keeps the mask: as bool, a byte an element, not x's width
+            x = x * (keep if torch.is_grad_enabled() and x.requires_grad else as_factor(keep, x.dtype))
             scale = scale / (1.0 - self.dropout)
         elif mask is not None:
             raise ValueError("a dropout mask was given to an adapter that drops nothing (eval mode or dropout 0)")

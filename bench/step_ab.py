@@ -9,7 +9,8 @@ train_block, load the same model and the same tokens and take one Temp-LoRA adap
 order swapped every round, after one warm-up step each: train_block(epochs=1) on the first half of --tokens
 as context and the second half as the block, rank 64 on all seven linears, dropout 0.05, AdamW. Whatever slows
 the machine for a while slows both alike, so the per-round ratio A / B is steadier than either time: its median
-and the rounds in which A was faster are the result, beside each process's peak RSS.
+and the rounds in which A was faster are the result, beside each process's peak RSS after loading and after
+the steps.
 
 The checkouts can be this repository and a `git worktree add DIR COMMIT` of an older commit, as far back as
 these functions keep their signatures: load_model(dir, dtype=), load_tokenizer(dir, read_json(config)),
@@ -18,6 +19,7 @@ train_block(model, optimizer, context, block, lr, epochs=).
 """
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -28,18 +30,28 @@ from pathlib import Path
 # nothing of this project is imported at the top: the same file serves each checkout (serve), in a process
 # that must import that checkout's modules and no others
 NEEDED = ("load_llama.py", "lora.py", "train_block.py", "model.py")  # the files a checkout must have
-MARK = "step_ab: "                                                  # the lines serve() writes for the parent
+HERE = Path(__file__).resolve().parent                              # bench/ of the repository running this
 
 
 def serve(checkout: str, settings: dict) -> None:
     """The child: `python bench/step_ab.py --serve CHECKOUT SETTINGS`. Loads the model with the checkout's own
-    modules, then answers each "step" line on stdin with one step's seconds and the peak RSS so far."""
-    sys.path[0] = checkout                                          # the checkout in place of this file's folder
+    modules, then answers each "step" line on stdin with one JSON line: one step's seconds and the peak RSS
+    so far. Its stdout carries those lines alone: whatever the checkout prints goes to stderr."""
+    to_parent = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    tell = lambda msg: print(json.dumps(msg), file=to_parent, flush=True)  # noqa: E731
+    # the checkout first, and nothing of the repository this file belongs to
+    sys.path[:] = [checkout] + [p for p in sys.path if Path(p or ".").resolve() not in (HERE, HERE.parent)]
     a = argparse.Namespace(**settings)
     try:
         import torch
+        import lora
+        import train_block as tb
         from lora import add_lora, lora_parameters
         from train_block import make_optimizer, train_block
+        for module in (lora, tb):
+            if not Path(module.__file__).resolve().is_relative_to(checkout):
+                raise ImportError(f"{module.__name__} came from {module.__file__}, not from the checkout")
         torch.set_num_threads(a.threads)
         torch.manual_seed(0)
         dtype = getattr(torch, a.dtype)
@@ -57,16 +69,16 @@ def serve(checkout: str, settings: dict) -> None:
         add_lora(model, rank=64, alpha=64.0, dropout=0.05)
         opt = make_optimizer(lora_parameters(model), 5e-5)
         half = a.tokens // 2
-        print(MARK + json.dumps({"ready": True}), flush=True)
+        rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # noqa: E731  MiB, the peak so far
+        tell({"ready": True, "loaded_rss_mib": rss()})
         for line in sys.stdin:
             if line.strip() != "step":
                 break
             t = time.perf_counter()
             train_block(model, opt, ids[:half], ids[half:], 5e-5, epochs=1)
-            seconds, rss = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-            print(MARK + json.dumps({"seconds": seconds, "rss_mib": rss}), flush=True)
+            tell({"seconds": time.perf_counter() - t, "rss_mib": rss()})
     except Exception as e:                                           # noqa: BLE001 - reported to the parent
-        print(MARK + json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
+        tell({"error": " / ".join(f"{type(e).__name__}: {e}".splitlines())})
         sys.exit(1)
 
 
@@ -88,23 +100,27 @@ def compare(a: argparse.Namespace, log) -> dict:
              for name, d in zip(names, (a.a_dir, a.b_dir))}
 
     def receive(name) -> dict:
-        for line in procs[name].stdout:                            # other lines are the checkout's own output
-            if line.startswith(MARK):
-                msg = json.loads(line[len(MARK):])
-                if "error" in msg:
-                    raise RuntimeError(f"checkout {name} ({getattr(a, name + '_dir')}): {msg['error']}")
-                return msg
-        raise RuntimeError(f"checkout {name} ({getattr(a, name + '_dir')}): its process ended, exit status "
-                           f"{procs[name].wait()}")
+        where = f"checkout {name} ({getattr(a, name + '_dir')})"
+        line = procs[name].stdout.readline()
+        if not line:
+            raise RuntimeError(f"{where}: its process ended, exit status {procs[name].wait()}")
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            raise RuntimeError(f"{where}: not a message: {line.strip()[:200]!r}") from None
+        if "error" in msg:
+            raise RuntimeError(f"{where}: {msg['error']}")
+        return msg
 
     def step(name) -> dict:
         procs[name].stdin.write("step\n")
         procs[name].stdin.flush()
         return receive(name)
 
+    loaded = {}
     try:
         for name in names:
-            receive(name)                                          # loaded
+            loaded[name] = receive(name)
         for name in names:
             log(f"warm-up {name}: {step(name)['seconds']:.2f}s")
         rounds = []
@@ -130,8 +146,9 @@ def compare(a: argparse.Namespace, log) -> dict:
     return {
         "settings": {k: v for k, v in vars(a).items() if k not in ("a_dir", "b_dir", "out", "serve")}
         | {"model": None if a.quick else path_label(a.model), "text": None if a.quick else Path(a.text).name},
-        "checkouts": {"a": {"dir": path_label(a.a_dir), "commit": commit_of(a.a_dir)},
-                      "b": {"dir": path_label(a.b_dir), "commit": commit_of(a.b_dir)}},
+        "checkouts": {name: {"dir": path_label(d), "commit": commit_of(d)}
+                      for name, d in zip(names, (a.a_dir, a.b_dir))},
+        "loaded_rss_mib": {name: loaded[name]["loaded_rss_mib"] for name in names},
         "rounds": rounds,
         "median_s": {name: statistics.median(row[name] for row in rounds) for name in names},
         "ratio_a_over_b_median": statistics.median(ratios),
@@ -145,8 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("a_dir", help="a checkout of this project (e.g. this repository)")
     p.add_argument("b_dir", help="another checkout (e.g. `git worktree add /tmp/old COMMIT`)")
-    p.add_argument("--rounds", type=int, default=8, help="timed rounds, one step of each per round")
-    p.add_argument("--tokens", type=int, default=2048, help="context + block tokens of the step (half each)")
+    p.add_argument("--rounds", type=int, help="timed rounds, one step of each per round (default 8)")
+    p.add_argument("--tokens", type=int, help="context + block tokens of the step, half each (default 2048)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default=str(MODEL_DIR), help="checkpoint directory both load")
@@ -158,8 +175,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         missing = [f for f in NEEDED if not (Path(d) / f).is_file()]
         if missing:
             p.error(f"{flag}: {d} is not a checkout of this project (no {', '.join(missing)})")
+    if a.quick and (a.tokens is not None or a.rounds is not None):
+        p.error("--quick: runs 64 tokens and 2 rounds; drop --tokens and --rounds")
     if a.quick:
         a.tokens, a.rounds = 64, 2
+    a.tokens = 2048 if a.tokens is None else a.tokens
+    a.rounds = 8 if a.rounds is None else a.rounds
+    if a.out and not Path(a.out).resolve().parent.is_dir():
+        p.error(f"--out: no folder {Path(a.out).resolve().parent} to write {Path(a.out).name} in")
     if a.rounds < 1:
         p.error("--rounds: at least 1")
     if a.tokens < 4:

@@ -201,16 +201,16 @@ def test_evaluate_gives_the_same_perplexities_and_leaves_the_base_weights_alone(
     assert checksums(model) == before
 
 
-@pytest.mark.parametrize("heads,kv_heads,T", [(9, 3, 37), (4, 4, 1), (8, 2, 300)])
+@pytest.mark.parametrize("heads,kv_heads,T,bs", [(9, 3, 37, 1), (4, 4, 1, 1), (8, 2, 300, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_is_the_function_and_its_backward_is_as_close_to_float64(heads, kv_heads, T, dtype):
+def test_attention_is_the_function_and_its_backward_is_as_close_to_float64(heads, kv_heads, T, bs, dtype):
     """lean_backward.attention: F.scaled_dot_product_attention's value bit for bit; attention_backward's
     gradients (the CPU kernel's backward on repeated k and v) as close to float64 as autograd's through
     the function, and the graph form (what runs off CPU) equal to autograd's."""
     torch.manual_seed(heads + T)
-    q = torch.randn(1, T, heads, 16).transpose(1, 2).to(dtype)     # strided like the model's q
-    k, v = (torch.randn(1, kv_heads, T, 16).to(dtype) for _ in range(2))
-    dout = torch.randn(1, heads, T, 16).to(dtype)
+    q = torch.randn(bs, T, heads, 16).transpose(1, 2).to(dtype)    # strided like the model's q
+    k, v = (torch.randn(bs, kv_heads, T, 16).to(dtype) for _ in range(2))
+    dout = torch.randn(bs, T, heads, 16).to(dtype).transpose(1, 2)  # and like the backward's dout
     out, kept = lean_backward.attention(q, k, v)
     assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
     grads = lean_backward.attention_backward(kept, dout)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import checksums, tiny_model
-from lora import LoRALinear, add_lora, lora_parameters, remove_lora, reset_lora
+from lora import LoRALinear, add_lora, as_factor, lora_parameters, remove_lora, reset_lora
 from train_block import block_loss, make_optimizer, train_block
 
 
@@ -182,3 +182,22 @@ def test_a_given_dropout_mask_is_the_one_the_adapter_would_draw():
     m.eval()
     with pytest.raises(ValueError, match="drops nothing"):
         m(x, mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_keeps_the_bool_mask_for_autograd_and_multiplies_by_its_factor_otherwise(dtype):
+    """Where autograd records x * mask it keeps the mask: a bool, a byte an element, not x's width; without
+    autograd the mask multiplies as a factor in x's dtype (lora.as_factor), to the same bits."""
+    m = LoRALinear(torch.nn.Linear(9, 5, bias=False), rank=3, alpha=6, dropout=0.2,
+                   generator=torch.Generator().manual_seed(0)).to(dtype).train()
+    torch.nn.init.normal_(m.lora_b)
+    x = torch.randn(2, 7, 9, dtype=dtype)
+    mask = m.draw_mask(x)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        y = m(x.requires_grad_(), mask)
+    assert any(t.dtype == torch.bool and t.shape == x.shape for t in kept)
+    assert not any(t.dtype == dtype and t.shape == x.shape and torch.equal(t, mask.to(dtype)) for t in kept)
+    with torch.no_grad():
+        assert torch.equal(m(x, mask), y)
+    assert torch.equal(as_factor(mask, dtype), mask.to(dtype))
