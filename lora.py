@@ -24,13 +24,6 @@ DEFAULT_TARGETS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo
 TARGET_GROUPS = {"all": DEFAULT_TARGETS, "attn": DEFAULT_TARGETS[:4], "mlp": DEFAULT_TARGETS[4:]}
 
 
-def as_factor(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bool mask as 1.0 where True, 0.0 where False, in dtype, by way of uint8: torch converts bool to
-    bfloat16 an element at a time, uint8 with vector instructions (a (2048, 1536) mask: 2.6 ms against 0.2 ms
-    on a 2-core CPU, measured), and multiplying by a bool mask converts it too (2.2 ms against 0.4 ms)."""
-    return mask.view(torch.uint8).to(dtype)
-
-
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None):
@@ -68,8 +61,8 @@ class LoRALinear(nn.Module):
         return u >= int(self.dropout * 2 ** 32) - 2 ** 31            # P(keep) = 1 - floor(p 2^32) / 2^32
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # x (..., in_features)
-        """mask: the bool keep-mask to use instead of drawing one (train_block's lean step keeps it for its
-        backward); only in training with dropout."""
+        """mask: the keep-mask to use instead of drawing one, bool or 0/1 in x's dtype (train_block's lean
+        step keeps it for its backward); only in training with dropout."""
         y = self.base(x)
         if not self.enabled:
             return y
@@ -79,9 +72,7 @@ class LoRALinear(nn.Module):
         scale = self.scale
         if self.training and self.dropout > 0:
             # inverted dropout, written out: 1/(1-p) joins the scale
-            keep = self.draw_mask(x) if mask is None else mask
-            # where autograd records the product it keeps the mask: as bool, a byte an element, not x's width
-            x = x * (keep if torch.is_grad_enabled() and x.requires_grad else as_factor(keep, x.dtype))
+            x = x * (self.draw_mask(x) if mask is None else mask)
             scale = scale / (1.0 - self.dropout)
         elif mask is not None:
             raise ValueError("a dropout mask was given to an adapter that drops nothing (eval mode or dropout 0)")

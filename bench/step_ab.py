@@ -55,12 +55,10 @@ def serve(checkout: str, settings: dict) -> None:
         torch.set_num_threads(a.threads)
         torch.manual_seed(0)
         dtype = getattr(torch, a.dtype)
-        if a.quick:
-            from model import ModelArgs, Transformer
-            args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=160,
-                             vocab_size=256)
-            model = Transformer(args).to(dtype).eval().requires_grad_(False)
-            ids = torch.randint(0, 256, (a.tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+        if a.quick:                                                # the demo's tiny random model, bytes as tokens
+            from cli import tiny_model_and_tokenizer
+            model, _ = tiny_model_and_tokenizer("cpu", dtype)
+            ids = list(range(1, a.tokens + 1))
         else:
             from load_llama import load_model, load_tokenizer, read_json
             model = load_model(Path(a.model), dtype=dtype)

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import checksums, tiny_model
-from lora import LoRALinear, add_lora, as_factor, lora_parameters, remove_lora, reset_lora
+from lean_backward import as_factor
+from lora import LoRALinear, add_lora, lora_parameters, remove_lora, reset_lora
 from train_block import block_loss, make_optimizer, train_block
 
 
@@ -186,8 +187,8 @@ def test_a_given_dropout_mask_is_the_one_the_adapter_would_draw():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dropout_keeps_the_bool_mask_for_autograd_and_multiplies_by_its_factor_otherwise(dtype):
-    """Where autograd records x * mask it keeps the mask: a bool, a byte an element, not x's width; without
-    autograd the mask multiplies as a factor in x's dtype (lora.as_factor), to the same bits."""
+    """Where autograd records x * mask it keeps the mask as drawn: a bool, a byte an element, not x's width;
+    the lean step's factor in x's dtype (lean_backward.as_factor) gives the same bits."""
     m = LoRALinear(torch.nn.Linear(9, 5, bias=False), rank=3, alpha=6, dropout=0.2,
                    generator=torch.Generator().manual_seed(0)).to(dtype).train()
     torch.nn.init.normal_(m.lora_b)
